@@ -1,0 +1,19 @@
+"""brittle: find out how and why a trained model fails before its users do.
+
+    import brittle
+    result = brittle.audit(model, (x, y), config={"adversarial": {"eps": 0.1}}, out="audit-out")
+    result["adversarial"].metrics["robust_accuracy"]
+"""
+
+from ._version import SCHEMA_VERSION, __version__
+from .config import AuditConfig, load_config
+from .errors import BrittleError, InputError, UsageError
+from .loading import Dataset, ModelSpec, load_data, load_model
+from .model import ModelAdapter
+from .result import AuditResult, CheckResult, Finding
+from .runner import audit
+
+__all__ = [
+    "AuditConfig", "AuditResult", "BrittleError", "CheckResult", "Dataset", "Finding", "InputError", "ModelAdapter",
+    "ModelSpec", "SCHEMA_VERSION", "UsageError", "__version__", "audit", "load_config", "load_data", "load_model",
+]

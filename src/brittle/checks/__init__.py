@@ -1,0 +1,11 @@
+"""Built-in checks. Importing this package registers them."""
+
+from . import accuracy, adversarial, model_sanity  # noqa: F401 - registration side effect
+from .base import REGISTRY, AuditContext, Check, CheckOptions, CheckState, Needs, get_check
+
+__all__ = ["REGISTRY", "AuditContext", "Check", "CheckOptions", "CheckState", "Needs", "available_checks", "get_check"]
+
+
+def available_checks() -> list[str]:
+    """Registered check ids in run order."""
+    return sorted(REGISTRY, key=lambda cid: (REGISTRY[cid].order, cid))

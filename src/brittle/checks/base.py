@@ -1,0 +1,160 @@
+"""The check contract: a class with a stable id, declared needs, an options model and one `run`.
+
+Subclasses are validated when they are defined (not when first used) and register themselves, so a
+typo in a new check fails at import, in the check author's test run, not in a user's audit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .._atomic import write_npz
+from .._progress import Progress
+from ..loading.data import Dataset
+from ..model import ModelAdapter
+from ..result import CheckResult, Finding
+
+__all__ = ["Check", "Needs", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "get_check", "status_from_findings", "shard_seed"]
+
+REGISTRY: dict[str, type["Check"]] = {}
+_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class CheckOptions(BaseModel):
+    """Base for every check's options: unknown keys are errors, so `stepz = 10` never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def validate_against(self, bounds: tuple[float, float]) -> None:
+        """Checks that need the model's input domain (e.g. eps against the bounds). Override when needed."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    gradients: bool = False
+    labels: bool = True
+    train_data: bool = False
+
+
+class CheckState:
+    """Resumable per-check storage under `<out>/state/<check id>/`. Each key is one atomic .npz file."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    def load(self, key: str) -> dict[str, np.ndarray] | None:
+        if self.root is None:
+            return None
+        path = self.root / f"{key}.npz"
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def save(self, key: str, arrays: dict[str, Any]) -> None:
+        if self.root is None:
+            return
+        write_npz(self.root / f"{key}.npz", {k: _to_numpy(v) for k, v in arrays.items()})
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
+@dataclass
+class AuditContext:
+    model: ModelAdapter
+    data: Dataset
+    train_data: Dataset | None = None
+    seed: int = 0
+    state: CheckState = field(default_factory=lambda: CheckState(None))
+    progress: Progress = field(default_factory=Progress)
+    credited: list[int] = field(default_factory=lambda: [0, 0])
+
+    def credit_passes(self, forward: int, backward: int) -> None:
+        """Count passes of work reused from a saved state, so a resumed run reports the full cost."""
+        self.credited[0] += forward
+        self.credited[1] += backward
+
+
+def shard_seed(seed: int, check_id: str, shard: int) -> int:
+    """A seed per (run seed, check, shard): a shard's result does not depend on which shards ran before it."""
+    digest = hashlib.sha256(f"{seed}:{check_id}:{shard}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def status_from_findings(findings: list[Finding]) -> str:
+    severities = {f.severity for f in findings}
+    if "high" in severities:
+        return "fail"
+    if severities & {"medium", "low"}:
+        return "warn"
+    return "pass"
+
+
+class Check(ABC):
+    """Subclass with class attributes `id`, `title`, `needs`, `metrics` (gateable scalars), `Options`."""
+
+    id: ClassVar[str]
+    title: ClassVar[str]
+    needs: ClassVar[Needs] = Needs()
+    metrics: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[CheckOptions]] = CheckOptions
+    order: ClassVar[int] = 100  # cheap checks first; a check's result never depends on order
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if inspect.isabstract(cls):
+            return
+        cid = getattr(cls, "id", None)
+        if not isinstance(cid, str) or not _ID_PATTERN.match(cid):
+            raise TypeError(f"{cls.__name__}.id must be a lowercase identifier like 'accuracy'; got {cid!r}")
+        if cid in REGISTRY and REGISTRY[cid].__qualname__ != cls.__qualname__:
+            raise TypeError(f"check id {cid!r} is already taken by {REGISTRY[cid].__qualname__}")
+        if not isinstance(getattr(cls, "title", None), str):
+            raise TypeError(f"{cls.__name__} must define a title")
+        if not isinstance(cls.needs, Needs):
+            raise TypeError(f"{cls.__name__}.needs must be a Needs(...)")
+        if not (isinstance(cls.Options, type) and issubclass(cls.Options, CheckOptions)):
+            raise TypeError(f"{cls.__name__}.Options must subclass CheckOptions")
+        REGISTRY[cid] = cls
+
+    def __init__(self, options: CheckOptions | dict[str, Any] | None = None):
+        if options is None:
+            options = self.Options()
+        elif isinstance(options, dict):
+            options = self.Options(**options)
+        self.options = options
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:
+        """Why this check cannot run on this audit, or None. Declared needs are checked here."""
+        if self.needs.labels and ctx.data.y is None:
+            return "needs labels, and the data has none"
+        if self.needs.train_data and ctx.train_data is None:
+            return "needs the training set: pass --train-data"
+        if self.needs.gradients and not ctx.model.differentiable:
+            return f"needs input gradients, and {ctx.model.name} is a black-box model"
+        return None
+
+    @abstractmethod
+    def run(self, ctx: AuditContext) -> CheckResult:
+        """Do the work. Costs are measured by the runner; return metrics, findings, details and arrays."""
+
+
+def get_check(check_id: str) -> type[Check]:
+    from . import available_checks  # noqa: F401 - importing registers the built-in checks
+
+    try:
+        return REGISTRY[check_id]
+    except KeyError:
+        raise KeyError(check_id) from None

@@ -1,0 +1,66 @@
+"""Is the model what an evaluation assumes? Logits out, a deterministic forward, eval mode.
+
+Each problem here silently breaks later numbers: softmax outputs saturate and zero the gradients that
+attacks follow (AutoAttack flags the same), a random forward makes every single-sample result a draw,
+and training-mode BatchNorm/Dropout change predictions with the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..result import CheckResult, Finding
+from .base import AuditContext, Check, Needs, status_from_findings
+
+PROBE_SAMPLES = 64
+
+
+class ModelSanity(Check):
+    id = "model"
+    title = "Model sanity"
+    needs = Needs(labels=False)
+    metrics = ("deterministic", "outputs_probabilities")
+    order = 0
+
+    def run(self, ctx: AuditContext) -> CheckResult:
+        model = ctx.model
+        x = ctx.data.x[:PROBE_SAMPLES]
+        first = model.logits(x)
+        second = model.logits(x)
+        findings: list[Finding] = []
+        max_diff = float((first - second).abs().max())
+        deterministic = max_diff <= 1e-5 * max(1.0, float(first.abs().max()))
+        if not deterministic:
+            findings.append(Finding(
+                "model.random-forward", "high",
+                "Two forward passes on the same inputs gave different outputs: the model is random at test time. "
+                "Single-sample attack results are draws; robust accuracy needs expectation over the randomness (EOT).",
+                {"max_abs_difference": max_diff, "samples": len(x)}))
+        row_sums = first.sum(1)
+        probs = bool(((first >= -1e-6) & (first <= 1 + 1e-6)).all()) and bool(((row_sums - 1).abs() < 1e-3).all())
+        log_probs = bool((first <= 1e-6).all()) and bool(((torch.logsumexp(first, 1)).abs() < 1e-3).all())
+        if probs:
+            findings.append(Finding(
+                "model.outputs-probabilities", "high",
+                "The model's outputs are in [0, 1] and sum to 1: it returns probabilities, not logits. Saturated "
+                "softmax outputs hide gradients from attacks and make robustness look better than it is. "
+                "Remove the final softmax.",
+                {"mean_row_sum": float(row_sums.mean())}))
+        elif log_probs:
+            findings.append(Finding(
+                "model.outputs-log-probabilities", "low",
+                "The outputs are log-probabilities (log-softmax). Margins and predictions are unchanged, but "
+                "cross-entropy-based losses apply softmax twice.",
+                {"max_abs_logsumexp": float(torch.logsumexp(first, 1).abs().max())}))
+        if model.given_in_training_mode:
+            findings.append(Finding(
+                "model.training-mode", "high",
+                "The model was handed over in training mode with BatchNorm/Dropout layers. brittle evaluates a "
+                "private copy in eval mode (the given model is not modified); call model.eval() before export "
+                "so deployment sees the same model.",
+                {}))
+        metrics = {"deterministic": deterministic, "outputs_probabilities": probs}
+        return CheckResult(self.id, status_from_findings(findings), metrics, findings,
+                           details={"probe_samples": len(x), "num_classes": model.num_classes,
+                                    "input_shape": list(model.input_shape or ()),
+                                    "differentiable": model.differentiable})

@@ -1,0 +1,166 @@
+"""The `brittle` command. Exit codes: 0 pass, 1 a gate failed, 2 bad usage or input, 3 internal error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from ._progress import Progress
+from ._version import __version__
+from .errors import BrittleError, UsageError
+
+EXIT_PASS, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="brittle", description="Audit a trained classifier for the ways it fails.")
+    p.add_argument("--version", action="version", version=f"brittle {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("audit", help="run checks on a model and data, write report.json/html and junit.xml")
+    a.add_argument("--model", required=True,
+                   help="TorchScript file, torch.export .pt2, .onnx, or package.module:factory (with --weights)")
+    a.add_argument("--weights", help="state dict (.pt, read with weights_only=True) or .safetensors for a factory")
+    a.add_argument("--factory-kwargs", help="JSON object of keyword arguments for the factory")
+    a.add_argument("--data", required=True, help=".npz (x, y), .pt, .csv (with --label-column) or an image folder")
+    a.add_argument("--train-data", help="the training set, for checks that need it")
+    a.add_argument("--config", help="audit.toml: checks, options, gates, model bounds and normalisation")
+    a.add_argument("--checks", help="comma-separated check ids to run (default: all); see `brittle checks`")
+    a.add_argument("--label-column", help="label column of CSV data")
+    a.add_argument("--bounds", help="input bounds 'low,high' (default 0,1)")
+    a.add_argument("--mean", help="per-channel normalisation mean, e.g. 0.4914,0.4822,0.4465 (applied inside the model)")
+    a.add_argument("--std", help="per-channel normalisation std")
+    a.add_argument("--seed", type=int, help="run seed (default 0)")
+    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out")
+    a.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
+    _common(a)
+
+    r = sub.add_parser("report", help="render report.html and junit.xml again from DIR/report.json")
+    r.add_argument("dir")
+    _common(r)
+
+    d = sub.add_parser("demo", help="train a small MNIST CNN with a planted backdoor and audit it")
+    d.add_argument("--out", default="brittle-demo", help="output folder (default ./brittle-demo)")
+    _common(d)
+
+    c = sub.add_parser("checks", help="list the available checks, their needs and gateable metrics")
+    _common(c)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for internal errors")
+
+
+def _config_from_args(args):
+    from .config import load_config
+    from .loading.models import parse_floats
+
+    cfg = load_config(args.config)
+    model = cfg.model.model_dump()
+    model.update({k: v for k, v in {
+        "weights": args.weights,
+        "bounds": parse_floats(args.bounds, "bounds"),
+        "mean": parse_floats(args.mean, "mean"),
+        "std": parse_floats(args.std, "std"),
+    }.items() if v is not None})
+    if args.bounds is not None and len(model["bounds"]) != 2:
+        raise UsageError(f"The '--bounds' option needs two numbers 'low,high'; got {args.bounds!r}.")
+    if args.factory_kwargs:
+        try:
+            model["factory_kwargs"] = json.loads(args.factory_kwargs)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"The '--factory-kwargs' option must be a JSON object; {exc}.") from None
+    from .loading.models import ModelSpec, _looks_like_factory
+
+    if _looks_like_factory(args.model):
+        model["factory"], model["path"] = args.model, None
+    else:
+        model["path"], model["factory"] = args.model, None
+    update = {"model": ModelSpec(**model)}
+    if args.checks:
+        update["checks"] = [c.strip() for c in args.checks.split(",") if c.strip()]
+    if args.seed is not None:
+        update["seed"] = args.seed
+    if args.label_column:
+        update["data"] = cfg.data.model_copy(update={"label_column": args.label_column})
+    return cfg.model_copy(update=update)
+
+
+def _cmd_audit(args, progress: Progress) -> int:
+    from .report import render_summary
+    from .runner import audit
+
+    cfg = _config_from_args(args)
+    result = audit(None, args.data, train_data=args.train_data, config=cfg, out=args.out, resume=args.resume,
+                   overwrite=args.overwrite, progress=progress)
+    if not args.quiet:
+        print(render_summary(result, args.out))
+    return result.exit_code
+
+
+def _cmd_report(args, progress: Progress) -> int:
+    from .report import rerender
+
+    path = rerender(Path(args.dir))
+    if not args.quiet:
+        print(path)
+    return EXIT_PASS
+
+
+def _cmd_demo(args, progress: Progress) -> int:
+    from .demo import run_demo
+    from .report import render_summary
+
+    result = run_demo(args.out, progress=progress)
+    if not args.quiet:
+        print(render_summary(result, f"{args.out}/report"))
+        print(f"The demo's inputs (TorchScript model, .npz data, audit.toml) are in {args.out}/inputs; "
+              f"audit them yourself with:\n  brittle audit --model {args.out}/inputs/demo_cnn.ts --data "
+              f"{args.out}/inputs/test.npz --config {args.out}/inputs/audit.toml --out my-audit")
+    # The demo shows a model that fails its gates on purpose; the command itself succeeded.
+    return EXIT_INTERNAL if result.verdict == "error" else EXIT_PASS
+
+
+def _cmd_checks(args, progress: Progress) -> int:
+    from .checks import REGISTRY, available_checks
+
+    for cid in available_checks():
+        cls = REGISTRY[cid]
+        needs = [n for n, v in vars(cls.needs).items() if v] if hasattr(cls.needs, "__dict__") else []
+        print(f"{cid:<14} {cls.title}  needs={','.join(needs) or '-'}  metrics={','.join(cls.metrics) or '-'}")
+    return EXIT_PASS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    progress = Progress.for_terminal(quiet=args.quiet)
+    # Only the CLI decides what reaches the terminal; torch's deprecation notes are not the user's problem.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    handlers = {"audit": _cmd_audit, "report": _cmd_report, "demo": _cmd_demo, "checks": _cmd_checks}
+    try:
+        return handlers[args.command](args, progress)
+    except BrittleError as exc:
+        print(f"brittle: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("brittle: interrupted; finished work is kept, continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: say so plainly, keep the traceback for a bug report
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"brittle: internal error: {type(exc).__name__}: {exc}\n(run again with --debug for the traceback "
+                  "and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

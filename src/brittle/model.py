@@ -1,0 +1,255 @@
+"""The one model adapter. Every check touches the user's model only through `ModelAdapter`.
+
+The adapter owns the input domain (bounds) and the preprocessing (mean/std), so attacks and
+certificates perturb inputs in input space and never see normalised tensors. It counts every forward
+and backward pass (in samples: a batch of 32 is 32 passes) so that each check can report its cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError, UsageError
+
+__all__ = ["ModelAdapter", "PassCounter", "GradientsUnavailable"]
+
+
+class GradientsUnavailable(RuntimeError):
+    """Raised when a check asks a black-box model (e.g. ONNX) for input gradients."""
+
+
+@dataclass
+class PassCounter:
+    forward: int = 0
+    backward: int = 0
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.forward, self.backward
+
+
+@dataclass
+class _Domain:
+    low: float
+    high: float
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+
+def _as_channel_tensor(values: Sequence[float] | None, name: str) -> torch.Tensor | None:
+    if values is None:
+        return None
+    t = torch.as_tensor(list(values), dtype=torch.float32).flatten()
+    if t.numel() == 0:
+        raise UsageError(f"The '{name}' option must list one value per channel; got an empty list.")
+    if name == "std" and bool((t <= 0).any()):
+        raise UsageError(f"The 'std' option must be positive per channel; got {t.tolist()}.")
+    return t
+
+
+@dataclass
+class ModelAdapter:
+    """Wraps a classifier that maps a batch in input space to logits of shape (N, C).
+
+    Parameters are keyword-only where they are options. `forward` is an `nn.Module` (kept as a private
+    eval-mode copy, so the caller's module is never modified) or a callable on float32 tensors for
+    black-box models (`differentiable=False`).
+    """
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    bounds: tuple[float, float] = (0.0, 1.0)
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    differentiable: bool = True
+    name: str = "model"
+    batch_size: int = 256
+    source_fingerprint: str | None = None
+    counter: PassCounter = field(default_factory=PassCounter)
+    given_in_training_mode: bool = False
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        low, high = (float(b) for b in self.bounds)
+        if not low < high:
+            raise UsageError(f"The 'bounds' option must be [low, high] with low < high; got {list(self.bounds)}.")
+        self.bounds = (low, high)
+        mean = _as_channel_tensor(self.mean, "mean")
+        std = _as_channel_tensor(self.std, "std")
+        if (mean is None) != (std is None):
+            raise UsageError("Give both 'mean' and 'std' for normalisation, or neither.")
+        self._domain = _Domain(low, high, mean, std)
+        if isinstance(self.forward, nn.Module):
+            self._module = self._private_copy(self.forward)
+        else:
+            self._module = None
+        self._feature_layer = self._find_feature_layer()
+
+    # ----- construction helpers -------------------------------------------------------------
+    def _private_copy(self, module: nn.Module) -> nn.Module:
+        self.given_in_training_mode = any(m.training for m in module.modules()) and _has_mode_dependent_layers(module)
+        own = _copy_module(module)
+        try:
+            own.eval()
+        except NotImplementedError:  # torch.export modules have their mode baked in
+            pass
+        for p in own.parameters():
+            p.requires_grad_(False)
+        return own
+
+    def _find_feature_layer(self) -> nn.Module | None:
+        """The input of the last Linear layer is the penultimate representation."""
+        if self._module is None or isinstance(self._module, torch.jit.ScriptModule):
+            return None
+        last = None
+        for m in self._module.modules():
+            if isinstance(m, nn.Linear):
+                last = m
+        return last
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The adapter's private eval-mode copy (None for black-box models)."""
+        return self._module
+
+    @property
+    def has_features(self) -> bool:
+        return self._feature_layer is not None
+
+    # ----- the forward paths ----------------------------------------------------------------
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        d = self._domain
+        if d.mean is None:
+            return x
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if d.mean.numel() not in (1, x.shape[1]):
+            raise UsageError(
+                f"Normalisation has {d.mean.numel()} values but inputs have {x.shape[1]} channels; "
+                "give one mean/std per channel."
+            )
+        return (x - d.mean.view(shape)) / d.std.view(shape)
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        fn = self._module if self._module is not None else self.forward
+        out = fn(self._normalise(x))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out
+
+    def logits(self, x: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
+        """Logits for a batch in input space, without gradients, batched to bound memory."""
+        bs = batch_size or self.batch_size
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(x), bs):
+                chunk = x[i : i + bs]
+                outs.append(self._raw(chunk).detach().float())
+                self.counter.forward += len(chunk)
+        if not outs:
+            return torch.empty(0, self.num_classes or 0)
+        return torch.cat(outs)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x).argmax(1)
+
+    def logits_and_grad(
+        self, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the gradient of `loss_fn(logits).sum()` with respect to the input batch.
+
+        `loss_fn` maps logits (N, C) to per-sample losses (N,). One forward and one backward pass per sample.
+        """
+        if not self.differentiable:
+            raise GradientsUnavailable(f"{self.name} is a black-box model: input gradients are unavailable.")
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._raw(x).float()
+            loss = loss_fn(logits).sum()
+            (grad,) = torch.autograd.grad(loss, x)
+        self.counter.forward += len(x)
+        self.counter.backward += len(x)
+        return logits.detach(), grad.detach()
+
+    def features(self, x: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor | None:
+        """Penultimate features (the input of the last Linear layer), or None when they cannot be found."""
+        layer = self._feature_layer
+        if layer is None:
+            return None
+        captured: list[torch.Tensor] = []
+        handle = layer.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0].detach().flatten(1)))
+        try:
+            self.logits(x, batch_size=batch_size)
+        finally:
+            handle.remove()
+        return torch.cat(captured) if captured else None
+
+    # ----- binding to data -------------------------------------------------------------------
+    def bind(self, x_example: torch.Tensor, source: str = "data") -> None:
+        """Run a two-sample forward to learn the output width and check the model accepts this input shape."""
+        probe = x_example[:2].float()
+        try:
+            with torch.no_grad():
+                out = self._raw(probe)
+        except Exception as exc:  # the user's forward rejected the input: say so, not a torch traceback
+            raise InputError(
+                source,
+                f"the model failed on inputs of shape {tuple(probe.shape[1:])} (per sample): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                "check that the data has the layout the model expects (N, C, H, W for images; N, D for tables)",
+            ) from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != probe.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise InputError(
+                self.name,
+                f"the model must return logits of shape (N, C); for {probe.shape[0]} inputs it returned {shape}",
+                "wrap the model so that forward returns one row of class scores per input",
+            )
+        if out.shape[1] < 2:
+            raise InputError(self.name, f"the model returns {out.shape[1]} output column(s); a classifier needs >= 2")
+        self.input_shape = tuple(probe.shape[1:])
+        self.num_classes = int(out.shape[1])
+        self.counter.forward += len(probe)
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(repr((self.bounds, self.mean, self.std, self.differentiable)).encode())
+        if self.source_fingerprint:
+            h.update(self.source_fingerprint.encode())
+        elif self._module is not None:
+            h.update(type(self._module).__name__.encode())
+            for name, t in self._module.state_dict().items():
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+        else:
+            raise UsageError("A black-box model needs a source fingerprint to be resumable.")
+        return h.hexdigest()
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    if isinstance(module, torch.jit.ScriptModule):
+        # deepcopy of a ScriptModule yields non-leaf parameters; a save/load round trip is a clean copy.
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
+        buf.seek(0)
+        return torch.jit.load(buf, map_location="cpu")
+    return copy.deepcopy(module)
+
+
+def _has_mode_dependent_layers(module: nn.Module) -> bool:
+    mode_dependent = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.AlphaDropout)
+    names = ("Dropout", "BatchNorm", "AlphaDropout", "InstanceNorm")
+    for m in module.modules():
+        if isinstance(m, mode_dependent):
+            return True
+        # A scripted module hides its Python class; it keeps the original name.
+        if isinstance(m, torch.jit.ScriptModule) and any(n in getattr(m, "original_name", "") for n in names):
+            return True
+    return False

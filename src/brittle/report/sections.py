@@ -1,0 +1,90 @@
+"""Per-check HTML sections. A check without a renderer of its own gets the generic one."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Callable
+
+import numpy as np
+
+from ..result import AuditResult, CheckResult
+from .png import perturbation_image, png_data_uri, to_display_image
+from .svg import bar_chart, heatmap
+
+__all__ = ["SECTIONS", "section_renderer", "render_section_body"]
+
+SECTIONS: dict[str, Callable[[CheckResult, AuditResult], str]] = {}
+
+
+def section_renderer(check_id: str):
+    def register(fn):
+        SECTIONS[check_id] = fn
+        return fn
+    return register
+
+
+def render_section_body(result: CheckResult, audit: AuditResult) -> str:
+    fn = SECTIONS.get(result.id)
+    return fn(result, audit) if fn else ""
+
+
+def _img(arr: np.ndarray | None, caption: str, scale: int = 3) -> str:
+    if arr is None:
+        return ""
+    h, w = arr.shape[:2]
+    return (f'<figure><img src="{png_data_uri(arr)}" width="{w * scale}" height="{h * scale}" alt="{escape(caption)}">'
+            f"<figcaption>{escape(caption)}</figcaption></figure>")
+
+
+@section_renderer("accuracy")
+def _accuracy(r: CheckResult, audit: AuditResult) -> str:
+    d = r.details
+    if not d:
+        return ""
+    names = d.get("class_names", [])
+    out = ["<h4>Accuracy per class</h4>", bar_chart(names, {"accuracy": d.get("per_class_accuracy", [])},
+                                                    title="accuracy per class")]
+    if d.get("confusion_matrix") and len(names) <= 30:
+        out += ["<h4>Confusion matrix (rows: true class, columns: predicted)</h4>",
+                heatmap(d["confusion_matrix"], names, title="confusion matrix")]
+    return "".join(out)
+
+
+@section_renderer("adversarial")
+def _adversarial(r: CheckResult, audit: AuditResult) -> str:
+    d, a = r.details, r.arrays
+    out = []
+    if d.get("per_class_robust_accuracy"):
+        acc = audit.check("accuracy").details.get("per_class_accuracy") if _has(audit, "accuracy") else None
+        names = (audit.check("accuracy").details.get("class_names") if _has(audit, "accuracy") else None) or \
+            [str(i) for i in range(len(d["per_class_robust_accuracy"]))]
+        series = {"clean": acc} if acc else {}
+        series["robust"] = d["per_class_robust_accuracy"]
+        out += ["<h4>Robust accuracy per class</h4>", bar_chart(names, series, title="robust accuracy per class")]
+    if "example_clean" in a and len(a["example_clean"]):
+        low, high = audit.run.get("bounds", [0.0, 1.0])
+        figs = []
+        for i in range(len(a["example_clean"])):
+            clean, adv = a["example_clean"][i], a["example_adversarial"][i]
+            ci = to_display_image(clean, low, high)
+            if ci is None:
+                break
+            dist = float(np.abs(adv - clean).max()) if d.get("norm") == "Linf" else float(np.linalg.norm(adv - clean))
+            figs.append('<div class="triple">' + _img(ci, f"#{int(a['example_index'][i])} label {int(a['example_label'][i])}")
+                        + _img(to_display_image(adv, low, high), f"adversarial: {int(a['example_adversarial_pred'][i])}")
+                        + _img(perturbation_image(adv - clean), f"perturbation ({d.get('norm')} {dist:.3g})") + "</div>")
+        if figs:
+            out += ["<h4>Most fragile examples: clean, adversarial, perturbation (amplified)</h4>",
+                    '<div class="examples">' + "".join(figs) + "</div>"]
+    return "".join(out)
+
+
+@section_renderer("model")
+def _model(r: CheckResult, audit: AuditResult) -> str:
+    d = r.details
+    rows = "".join(f"<tr><th>{escape(k.replace('_', ' '))}</th><td>{escape(str(v))}</td></tr>" for k, v in d.items())
+    return f'<table class="kv">{rows}</table>' if rows else ""
+
+
+def _has(audit: AuditResult, cid: str) -> bool:
+    return any(c.id == cid and c.status not in ("error", "skipped") for c in audit.checks)

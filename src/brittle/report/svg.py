@@ -1,0 +1,103 @@
+"""Inline SVG charts: no scripts, no external resources; they print like the rest of the page."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Sequence
+
+__all__ = ["bar_chart", "heatmap", "line_chart"]
+
+PALETTE = ("#3b6ea8", "#d9822b", "#4a9a5b", "#a34a8b")
+
+
+def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float | None]], *, width: int = 560,
+              height: int = 200, ymax: float = 1.0, title: str = "") -> str:
+    n = max(len(labels), 1)
+    k = max(len(series), 1)
+    left, bottom, top = 36, 24, 18
+    plot_w, plot_h = width - left - 8, height - bottom - top
+    group = plot_w / n
+    bar = max(group * 0.8 / k, 1)
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="{escape(title)}">']
+    for frac in (0, 0.5, 1.0):
+        y = top + plot_h * (1 - frac)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 8}" y2="{y:.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{frac * ymax:g}</text>')
+    for si, (name, values) in enumerate(series.items()):
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            h = plot_h * max(0.0, min(float(v) / ymax, 1.0))
+            x = left + i * group + group * 0.1 + si * bar
+            parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar:.1f}" height="{h:.1f}" '
+                         f'fill="{PALETTE[si % len(PALETTE)]}"><title>{escape(str(name))} {escape(str(labels[i]))}: '
+                         f'{float(v):.3f}</title></rect>')
+    for i, lab in enumerate(labels):
+        x = left + (i + 0.5) * group
+        parts.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle" font-size="10">{escape(str(lab))[:8]}</text>')
+    for si, name in enumerate(series):
+        parts.append(f'<rect x="{left + si * 110}" y="2" width="10" height="10" fill="{PALETTE[si % len(PALETTE)]}"/>'
+                     f'<text x="{left + si * 110 + 14}" y="11" font-size="10">{escape(str(name))}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], *, cell: int = 26, title: str = "") -> str:
+    n = len(matrix)
+    size = cell * n
+    pad = 28
+    peak = max((max(row) for row in matrix), default=1) or 1
+    parts = [f'<svg class="chart" viewBox="0 0 {size + pad + 4} {size + pad + 4}" width="{size + pad + 4}" '
+             f'height="{size + pad + 4}" role="img" aria-label="{escape(title)}">']
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            shade = 1 - (v / peak) ** 0.5
+            r, g, b = int(59 + shade * 196), int(110 + shade * 145), int(168 + shade * 87)
+            parts.append(f'<rect x="{pad + j * cell}" y="{pad + i * cell}" width="{cell}" height="{cell}" '
+                         f'fill="rgb({r},{g},{b})"><title>true {escape(str(labels[i]))}, predicted '
+                         f'{escape(str(labels[j]))}: {v}</title></rect>')
+            if v:
+                colour = "#fff" if shade < 0.5 else "#222"
+                parts.append(f'<text x="{pad + j * cell + cell / 2}" y="{pad + i * cell + cell / 2 + 3}" '
+                             f'text-anchor="middle" font-size="9" fill="{colour}">{v}</text>')
+    for i, lab in enumerate(labels):
+        parts.append(f'<text x="{pad - 4}" y="{pad + i * cell + cell / 2 + 3}" text-anchor="end" font-size="10">'
+                     f'{escape(str(lab))[:4]}</text>'
+                     f'<text x="{pad + i * cell + cell / 2}" y="{pad - 6}" text-anchor="middle" font-size="10">'
+                     f'{escape(str(lab))[:4]}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def line_chart(xs: Sequence[float], series: dict[str, Sequence[float]], *, width: int = 560, height: int = 220,
+               ymax: float = 1.0, xlabel: str = "", title: str = "") -> str:
+    left, bottom, top = 36, 30, 18
+    plot_w, plot_h = width - left - 10, height - bottom - top
+    x0, x1 = (min(xs), max(xs)) if xs else (0, 1)
+    span = (x1 - x0) or 1
+
+    def px(x: float) -> float:
+        return left + plot_w * (x - x0) / span
+
+    def py(y: float) -> float:
+        return top + plot_h * (1 - max(0.0, min(y / ymax, 1.0)))
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="{escape(title)}">']
+    for frac in (0, 0.5, 1.0):
+        parts.append(f'<line x1="{left}" y1="{py(frac * ymax):.1f}" x2="{width - 10}" y2="{py(frac * ymax):.1f}" '
+                     f'stroke="#ddd"/><text x="{left - 4}" y="{py(frac * ymax) + 4:.1f}" text-anchor="end" '
+                     f'font-size="10">{frac * ymax:g}</text>')
+    for frac in (0, 0.5, 1.0):
+        xv = x0 + frac * span
+        parts.append(f'<text x="{px(xv):.1f}" y="{height - 14}" text-anchor="middle" font-size="10">{xv:.3g}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 2}" text-anchor="middle" font-size="10">{escape(xlabel)}</text>')
+    for si, (name, ys) in enumerate(series.items()):
+        pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if y is not None)
+        colour = PALETTE[si % len(PALETTE)]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>'
+                     f'<rect x="{left + si * 130}" y="2" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{left + si * 130 + 14}" y="11" font-size="10">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models and data made here, offline, with fixed seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+
+class TinyMLP(nn.Module):
+    """A small image classifier for (N, 1, 8, 8) inputs. Importable as a factory: tests.conftest:TinyMLP."""
+
+    def __init__(self, classes: int = 3, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_blobs(n: int = 240, classes: int = 3, seed: int = 0, noise: float = 0.25):
+    """Images of class prototypes plus noise, in [0, 1]."""
+    g = np.random.default_rng(seed)
+    protos = g.uniform(0.2, 0.8, size=(classes, 1, 8, 8))
+    y = np.arange(n) % classes
+    x = np.clip(protos[y] + g.normal(0, noise, size=(n, 1, 8, 8)), 0, 1).astype(np.float32)
+    return x, y.astype(np.int64)
+
+
+def train_tiny(x, y, classes: int = 3, steps: int = 150, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = TinyMLP(classes)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def blobs():
+    return make_blobs()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(blobs):
+    return train_tiny(*blobs)
+
+
+@pytest.fixture
+def files(tmp_path, tiny_model, blobs):
+    """A TorchScript model and .npz data on disk, as a user would bring them."""
+    x, y = blobs
+    model_path = tmp_path / "model.ts"
+    torch.jit.script(tiny_model).save(str(model_path))
+    data_path = tmp_path / "data.npz"
+    np.savez(data_path, x=x, y=y)
+    return model_path, data_path
