@@ -1,95 +1,149 @@
-"""Attack properties and an analytic ground truth on a linear model."""
+"""Attack properties and analytic ground truth on linear models."""
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from brittle import ModelAdapter
-from brittle.attacks import PGD, evaluate_shard, lp_norm, margin, verify
+from brittle.attacks import APGD, FGSM, FMN, PGD, APGDTargeted, Plan, Square, evaluate_shard, lp_norm, margin, verify
+
+ATTACKS = {
+    "fgsm": lambda norm, eps: FGSM(norm=norm, eps=eps),
+    "pgd": lambda norm, eps: PGD(norm=norm, eps=eps, steps=5, restarts=2),
+    "apgd-ce": lambda norm, eps: APGD(norm=norm, eps=eps, steps=8),
+    "apgd-dlr": lambda norm, eps: APGD(norm=norm, eps=eps, steps=8, loss="dlr"),
+    "apgd-t": lambda norm, eps: APGDTargeted(norm=norm, eps=eps, steps=5, n_targets=2),
+    "fmn": lambda norm, eps: FMN(norm=norm, eps=eps, steps=10),
+    "square": lambda norm, eps: Square(norm=norm, eps=eps, queries=30),
+}
 
 
-def _linear_binary(seed=0, d=16):
+def _linear(classes=2, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(d, 2)
+    lin = torch.nn.Linear(d, classes)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(2, d, generator=g))
-        lin.bias.copy_(torch.randn(2, generator=g) * 0.1)
+        lin.weight.copy_(torch.randn(classes, d, generator=g))
+        lin.bias.copy_(torch.randn(classes, generator=g) * 0.1)
     return lin
 
 
-@settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), norm=st.sampled_from(["Linf", "L2"]), eps=st.floats(0.01, 0.8),
-       steps=st.integers(1, 8), restarts=st.integers(1, 3))
-def test_every_example_is_inside_its_ball_and_the_bounds(seed, norm, eps, steps, restarts):
+def _analytic_distance(lin, x, y, norm):
+    """Exact distance to the decision boundary of a linear classifier: min_j (z_y - z_j) / ||w_y - w_j||_q."""
+    q = 1 if norm == "Linf" else 2
+    z = lin(x).detach()
+    w = lin.weight.detach()
+    dists = []
+    for j in range(w.shape[0]):
+        diff = w[y] - w[j]
+        gap = z.gather(1, y[:, None]).squeeze(1) - z[:, j]
+        d = gap / diff.norm(p=q, dim=1).clamp_min(1e-12)
+        d[y == j] = float("inf")
+        dists.append(d)
+    return torch.stack(dists, 1).amin(1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), name=st.sampled_from(sorted(ATTACKS)), norm=st.sampled_from(["Linf", "L2"]),
+       eps=st.floats(0.01, 0.8))
+def test_every_example_is_inside_its_ball_and_the_bounds(seed, name, norm, eps):
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     model = ModelAdapter(net, bounds=(-1.0, 2.0))
-    x = torch.rand(10, 3, 4) * 3 - 1
+    x = torch.rand(10, 3, 4, 4) * 3 - 1
     y = torch.randint(0, 4, (10,))
-    x_adv = PGD(norm=norm, eps=eps, steps=steps, restarts=restarts)(model, x, y, seed=seed)
+    x_adv = ATTACKS[name](norm, eps)(model, x, y, seed=seed)
     assert x_adv.shape == x.shape
     assert bool((lp_norm(x_adv - x, norm) <= eps * (1 + 1e-5)).all())
     assert float(x_adv.min()) >= -1.0 and float(x_adv.max()) <= 2.0
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
-def test_pgd_breaks_exactly_the_points_within_the_analytic_margin(norm):
-    """For a 2-class linear model, the worst case under ||d||_p <= eps moves the margin by eps*||w1-w0||_q."""
-    d = 16
-    lin = _linear_binary(d=d)
+@pytest.mark.parametrize("make", [
+    lambda norm, eps: APGD(norm=norm, eps=eps, steps=20, loss="dlr"),
+    lambda norm, eps: APGD(norm=norm, eps=eps, steps=20, loss="ce"),
+    lambda norm, eps: PGD(norm=norm, eps=eps, steps=20),
+], ids=["apgd-dlr", "apgd-ce", "pgd"])
+def test_gradient_attacks_break_exactly_the_points_within_the_analytic_margin(norm, make):
+    """2-class linear model: the worst case under ||d||_p <= eps moves the margin by eps * ||w1 - w0||_q."""
+    lin = _linear(classes=2)
     model = ModelAdapter(lin, bounds=(-10.0, 10.0))  # bounds far away: the ball is never clipped
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(400, d, generator=g)
-    logits = lin(x).detach()
-    y = logits.argmax(1)
-    w = (lin.weight[1] - lin.weight[0]).detach()
-    q = 1 if norm == "Linf" else 2
-    eps = float(margin(logits, y).median() / w.norm(p=q))
-    distance = margin(logits, y) / w.norm(p=q)  # analytic distance to the boundary
-    x_adv = PGD(norm=norm, eps=eps, steps=20, restarts=1)(model, x, y)
-    broken = verify(model, x, y, x_adv, eps=eps, norm=norm).adversarial
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(1))
+    y = lin(x).detach().argmax(1)
+    distance = _analytic_distance(lin, x, y, norm)
+    eps = float(distance.median())
+    broken = verify(model, x, y, make(norm, eps)(model, x, y), eps=eps, norm=norm).adversarial
     clear = (distance - eps).abs() > 1e-3 * eps  # leave out points numerically on the sphere
     assert clear.sum() > 350
     assert torch.equal(broken[clear], (distance < eps)[clear])
 
 
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+@pytest.mark.parametrize("classes, targets", [(2, 0), (5, 4)])
+def test_minimum_norm_attack_finds_the_analytic_distance(norm, classes, targets):
+    """|w.x + b| / ||w||_q for two classes; for five, the nearest of the pairwise boundaries (targeted runs)."""
+    lin = _linear(classes=classes, seed=classes)
+    model = ModelAdapter(lin, bounds=(-10.0, 10.0))
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(2))
+    y = lin(x).detach().argmax(1)
+    exact = _analytic_distance(lin, x, y, norm)
+    _, found = FMN(norm=norm, steps=60, n_targets=targets).distances(model, x, y)
+    assert bool(torch.isfinite(found).all())
+    assert bool((found >= exact * (1 - 1e-4)).all())  # never below the truth: every point is verified
+    rel = (found - exact) / exact
+    assert float(rel.median()) < 1e-3 and float((rel < 0.01).float().mean()) >= 0.95
+
+
+def test_square_needs_no_gradients_and_breaks_points(tiny_model, blobs):
+    box = ModelAdapter(lambda z: tiny_model(z).detach(), differentiable=False, source_fingerprint="box")
+    x, y = torch.from_numpy(blobs[0][:60]), torch.from_numpy(blobs[1][:60])
+    with pytest.raises(ValueError, match="needs input gradients"):
+        APGD(eps=0.2)(box, x, y)
+    broken = verify(box, x, y, Square(eps=0.2, queries=300)(box, x, y), eps=0.2, norm="Linf").adversarial
+    assert float(broken.float().mean()) > 0.3
+
+
 def test_verifier_rejects_what_an_attack_claims_wrongly(tiny_model, blobs):
     model = ModelAdapter(tiny_model)
     x, y = torch.from_numpy(blobs[0][:20]), torch.from_numpy(blobs[1][:20])
-    outside = (x + 0.5).clamp(0, 1)  # far outside a 0.1 ball
+    outside = (x + 0.5).clamp(0, 1)
     v = verify(model, x, y, outside, eps=0.1, norm="Linf")
     assert not bool(v.in_ball.all()) and not bool(v.adversarial[~v.in_ball].any())
     beyond = x.clone()
-    beyond[:, 0, 0, 0] = 1.05  # outside the bounds
+    beyond[:, 0, 0, 0] = 1.05
     assert not bool(verify(model, x, y, beyond, eps=0.5, norm="Linf").adversarial.any())
     nan = x.clone()
     nan[0, 0, 0, 0] = float("nan")
     assert not bool(verify(model, x, y, nan, eps=0.5, norm="Linf").adversarial[0])
 
 
-def test_attack_lowers_accuracy_and_counts_passes(tiny_model, blobs):
+
+def test_engine_early_exit_budget_and_determinism(tiny_model, blobs):
     model = ModelAdapter(tiny_model)
     x, y = torch.from_numpy(blobs[0][:90]), torch.from_numpy(blobs[1][:90])
-    weak = evaluate_shard(model, x, y, [PGD(eps=0.02, steps=10)], eps=0.02, norm="Linf", seed=0)
-    strong = evaluate_shard(model, x, y, [PGD(eps=0.3, steps=20, restarts=2)], eps=0.3, norm="Linf", seed=0)
-    clean = float(strong.correct.float().mean())
-    assert clean > 0.9
-    assert float(strong.robust.float().mean()) < 0.1  # prototypes are ~0.3 apart per pixel
-    assert float(weak.robust.float().mean()) > float(strong.robust.float().mean())
-    assert strong.backward > 0 and strong.forward >= strong.backward
-    again = evaluate_shard(model, x, y, [PGD(eps=0.3, steps=20, restarts=2)], eps=0.3, norm="Linf", seed=0)
-    assert torch.equal(again.robust, strong.robust) and torch.equal(again.x_adv, strong.x_adv)
-
-
-def test_attack_accepts_a_plain_module(tiny_model, blobs):
-    x, y = torch.from_numpy(blobs[0][:8]), torch.from_numpy(blobs[1][:8])
-    x_adv = PGD(eps=0.1, steps=3)(tiny_model, x, y)
-    assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6
+    strong = Plan("Linf", 0.4, (FGSM(eps=0.4), APGD(eps=0.4, steps=10)))
+    out = evaluate_shard(model, x, y, strong, seed=0)
+    assert float(out.robust.float().mean()) == 0.0 and "apgd-ce" not in out.stage_passes  # FGSM broke all
+    plan = Plan("Linf", 0.1, (FGSM(eps=0.1), APGD(eps=0.1, steps=20, loss="dlr")), FMN(steps=20))
+    a, b = evaluate_shard(model, x, y, plan, seed=3), evaluate_shard(model, x, y, plan, seed=3)
+    assert torch.equal(a.robust, b.robust) and torch.equal(a.x_adv, b.x_adv) and a.forward == b.forward
+    survivors_after_fgsm = a.stage_passes["apgd-dlr"][1] / 21  # APGD-DLR ran only on points FGSM left
+    assert survivors_after_fgsm < len(x)
+    assert bool((a.distance[~a.robust & a.correct] <= 0.1 + 1e-6).all())
+    assert bool((a.distance[a.robust] > 0.1).all())  # robust points' distances (if found) lie beyond eps
+    capped = evaluate_shard(model, x, y, Plan("Linf", 0.1, plan.stages, max_passes_per_point=1.5), seed=3)
+    assert capped.budget_exhausted and capped.forward + capped.backward < a.forward + a.backward
 
 
 def test_bad_attack_parameters():
     with pytest.raises(ValueError, match="'eps' parameter of PGD must be > 0"):
         PGD(eps=0)
     with pytest.raises(ValueError, match="norm"):
-        PGD(eps=0.1, norm="L7")
+        APGD(eps=0.1, norm="L7")
+    with pytest.raises(ValueError, match="'loss' parameter of APGD"):
+        APGD(eps=0.1, loss="hinge")
+
+
+def test_attack_accepts_a_plain_module(tiny_model, blobs):
+    x, y = torch.from_numpy(blobs[0][:8]), torch.from_numpy(blobs[1][:8])
+    x_adv = APGD(eps=0.1, steps=3)(tiny_model, x, y)
+    assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6

@@ -9,7 +9,7 @@ import brittle
 from brittle import AuditResult, audit
 from brittle.checks.base import REGISTRY, Check, CheckResult
 
-CFG = {"adversarial": {"eps": 0.3, "steps": 10, "restarts": 1, "max_samples": 60, "shard_size": 32},
+CFG = {"adversarial": {"eps": 0.3, "steps": 10, "max_samples": 60, "shard_size": 32},
        "gates": ["accuracy.accuracy >= 0.9", "adversarial.robust_accuracy >= 0.5"]}
 
 
@@ -111,17 +111,15 @@ def test_contract_is_checked_when_a_check_is_defined():
                 return None
 
 
-def test_black_box_model_skips_gradient_checks_with_a_reason(tiny_model, blobs):
-    import torch
-
+def test_black_box_model_falls_back_to_square_and_says_so(tiny_model, blobs):
     from brittle import ModelAdapter
 
-    box = ModelAdapter(lambda x: tiny_model(x).detach(), differentiable=False, name="box",
-                       source_fingerprint="box")
-    r = audit(box, blobs, config={"adversarial": {"eps": 0.1}})
-    assert r["adversarial"].status == "skipped" and "black-box" in r["adversarial"].reason
-    assert r["accuracy"].status == "pass"
-    del torch
+    box = ModelAdapter(lambda x: tiny_model(x).detach(), differentiable=False, name="box", source_fingerprint="box")
+    r = audit(box, blobs, config={"adversarial": {"eps": 0.3, "max_samples": 40, "escalated_queries": 200}})
+    adv = r["adversarial"]
+    assert adv.details["plan"] == ["Square(norm='Linf', eps=0.3, queries=200)"]
+    assert "adversarial.black-box-model" in {f.id for f in adv.findings}
+    assert adv.metrics["robust_accuracy"] < adv.metrics["clean_accuracy"] and adv.cost.backward_passes == 0
 
 
 def test_unlabelled_data_runs_what_it_can(tiny_model, blobs):

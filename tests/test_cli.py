@@ -100,7 +100,7 @@ def test_report_command_rerenders(files, tmp_path):
     assert "accuracy" in (tmp_path / "o" / "report.html").read_text()
 
 
-RESUME_CFG = "seed = 7\n[adversarial]\neps = 0.12\nsteps = 300\nrestarts = 2\nmax_samples = 240\nshard_size = 12\n"
+RESUME_CFG = "seed = 7\n[adversarial]\neps = 0.12\nsteps = 100\nmax_samples = 160\nshard_size = 10\n"
 
 
 def _numbers(out):
@@ -120,20 +120,20 @@ def test_resume_after_kill_gives_identical_numbers(files, tmp_path):
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = tmp_path / "cut" / "state" / "adversarial"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(shards.glob("shard-*.npz"))) < 3:
+    while time.monotonic() < deadline and len(list(shards.glob("main-*.npz"))) < 3:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list(shards.glob("shard-*.npz")))
-    assert 3 <= done < 20, f"the kill must land mid-run (shards done: {done})"
+    done = len(list(shards.glob("main-*.npz")))
+    assert 3 <= done < 16, f"the kill must land mid-run (shards done: {done})"
     assert not (tmp_path / "cut" / "report.json").exists()
-    mtimes = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.npz")}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shards.glob("main-*.npz")}
 
     resumed = run_cli(*base, "--out", tmp_path / "cut", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert _numbers(tmp_path / "cut") == _numbers(tmp_path / "full")
     # No finished shard was redone.
-    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in shards.glob("shard-*.npz") if p.name in mtimes)
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in shards.glob("main-*.npz") if p.name in mtimes)
 
 
 def test_resume_refuses_a_different_run(files, tmp_path, capsys):

@@ -7,6 +7,7 @@ and backward pass (in samples: a batch of 32 is 32 passes) so that each check ca
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -75,6 +76,9 @@ class ModelAdapter:
     given_in_training_mode: bool = False
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
+    eot_samples: int = 1  # > 1: expectation over transformation, for random forwards
+    straight_through: bool = False  # BPDA: identity gradients through round/floor/sign
+    log_outputs: bool = False  # the model returns probabilities: attack their logarithm (same predictions)
 
     def __post_init__(self) -> None:
         low, high = (float(b) for b in self.bounds)
@@ -141,6 +145,8 @@ class ModelAdapter:
         out = fn(self._normalise(x))
         if isinstance(out, (tuple, list)):
             out = out[0]
+        if self.log_outputs:
+            out = torch.log(out.float().clamp_min(1e-30))
         return out
 
     def logits(self, x: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
@@ -164,18 +170,52 @@ class ModelAdapter:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the gradient of `loss_fn(logits).sum()` with respect to the input batch.
 
-        `loss_fn` maps logits (N, C) to per-sample losses (N,). One forward and one backward pass per sample.
+        `loss_fn` maps logits (N, C) to per-sample losses (N,). One forward and one backward pass per sample,
+        times `eot_samples` when expectation over randomness is on (then logits and gradients are means).
+        A loss that does not depend on the input (e.g. behind a thresholding step) gives zero gradients.
         """
         if not self.differentiable:
             raise GradientsUnavailable(f"{self.name} is a black-box model: input gradients are unavailable.")
-        x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self._raw(x).float()
-            loss = loss_fn(logits).sum()
-            (grad,) = torch.autograd.grad(loss, x)
-        self.counter.forward += len(x)
-        self.counter.backward += len(x)
-        return logits.detach(), grad.detach()
+        logits_sum, grad_sum = None, None
+        for _ in range(self.eot_samples):
+            xg = x.detach().clone().requires_grad_(True)
+            with torch.enable_grad(), self._gradient_context():
+                logits = self._raw(xg).float()
+                loss = loss_fn(logits).sum()
+                if loss.requires_grad:
+                    (grad,) = torch.autograd.grad(loss, xg, allow_unused=True)
+                else:
+                    grad = None
+            grad = torch.zeros_like(x) if grad is None else grad.detach()
+            logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
+            grad_sum = grad if grad_sum is None else grad_sum + grad
+            self.counter.forward += len(x)
+            self.counter.backward += len(x)
+        return logits_sum / self.eot_samples, grad_sum / self.eot_samples
+
+    def _gradient_context(self):
+        if self.straight_through:
+            from .attacks.straight_through import straight_through
+
+            return straight_through()
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def escalated(self, *, eot_samples: int | None = None, straight_through: bool | None = None,
+                  log_outputs: bool | None = None):
+        """Temporarily average gradients over `eot_samples` forwards, use straight-through gradients, or
+        attack log-probabilities; each None leaves that setting as it is."""
+        saved = (self.eot_samples, self.straight_through, self.log_outputs)
+        if eot_samples is not None:
+            self.eot_samples = int(eot_samples)
+        if straight_through is not None:
+            self.straight_through = bool(straight_through)
+        if log_outputs is not None:
+            self.log_outputs = bool(log_outputs)
+        try:
+            yield self
+        finally:
+            self.eot_samples, self.straight_through, self.log_outputs = saved
 
     def features(self, x: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor | None:
         """Penultimate features (the input of the last Linear layer), or None when they cannot be found."""

@@ -3,14 +3,18 @@
 `model` is a `brittle.ModelAdapter` (or an `nn.Module`, wrapped with input bounds [0, 1]).
 """
 
+from .apgd import APGD, APGDTargeted
 from .base import ATTACKS, Attack
-from .evaluate import ShardOutcome, evaluate_shard
+from .fgsm import FGSM
+from .fmn import FMN
+from .square import Square
+from .engine import Plan, ShardOutcome, evaluate_shard
 from .geometry import lp_norm, project
 from .losses import ce_loss, dlr_loss, margin, margin_loss
 from .pgd import PGD
 from .verify import Verification, verify
 
 __all__ = [
-    "ATTACKS", "Attack", "PGD", "ShardOutcome", "Verification", "ce_loss", "dlr_loss", "evaluate_shard",
+    "APGD", "APGDTargeted", "ATTACKS", "Attack", "FGSM", "FMN", "PGD", "Plan", "Square", "ShardOutcome", "Verification", "ce_loss", "dlr_loss", "evaluate_shard",
     "lp_norm", "margin", "margin_loss", "project", "verify",
 ]

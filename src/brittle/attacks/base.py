@@ -48,18 +48,31 @@ class Attack(ABC):
         self.norm = norm
         self.eps = float(eps)
 
+    minimum_norm: ClassVar[bool] = False  # finds the smallest perturbation rather than any within eps
+
     @abstractmethod
     def perturb(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, *,
-                generator: torch.Generator) -> torch.Tensor:
-        """Candidate adversarial examples for (x, y), inside the ball and the bounds by construction."""
+                generator: torch.Generator, trace: dict | None = None) -> torch.Tensor:
+        """Candidate adversarial examples for (x, y), inside the ball and the bounds by construction.
+
+        When `trace` is a dict, the attack may record per-sample diagnostics in it (e.g. `late_gain`:
+        how much the loss still improved over the last fifth of the run).
+        """
 
     def __call__(self, model: ModelAdapter | torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                 seed: int = 0) -> torch.Tensor:
+                 seed: int = 0, trace: dict | None = None) -> torch.Tensor:
         if isinstance(model, torch.nn.Module):
             model = ModelAdapter(model)  # input bounds [0, 1], no normalisation
         if self.needs_gradients and not model.differentiable:
             raise ValueError(f"{type(self).__name__} needs input gradients; {model.name} is a black-box model.")
-        return self.perturb(model, x, y, generator=torch.Generator().manual_seed(seed))
+        if len(x) == 0:
+            return x.clone()
+        return self.perturb(model, x, y, generator=torch.Generator().manual_seed(seed), trace=trace)
+
+    @property
+    def label(self) -> str:
+        """How reports name this configured attack (e.g. 'apgd-dlr')."""
+        return self.name
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(norm={self.norm!r}, eps={self.eps:g})"

@@ -11,7 +11,7 @@ from .base import Attack
 from .geometry import project, random_start
 from .losses import margin, margin_loss
 
-__all__ = ["PGD"]
+__all__ = ["PGD", "ascent_direction"]
 
 
 class PGD(Attack):
@@ -35,7 +35,7 @@ class PGD(Attack):
         self.step_size = float(step_size) if step_size else 2.5 * self.eps / self.steps
 
     def perturb(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, *,
-                generator: torch.Generator) -> torch.Tensor:
+                generator: torch.Generator, trace: dict | None = None) -> torch.Tensor:
         best = x.clone()
         best_margin = torch.full((len(x),), float("inf"))
         open_ = torch.ones(len(x), dtype=torch.bool)
@@ -58,13 +58,13 @@ class PGD(Attack):
                 if bool(broken.any()):
                     keep = ~broken
                     idx, xa, x0, y0, grad = idx[keep], xa[keep], x0[keep], y0[keep], grad[keep]
-                xa = project(xa + self.step_size * _ascent_direction(grad, self.norm), x0, self.eps, self.norm,
+                xa = project(xa + self.step_size * ascent_direction(grad, self.norm), x0, self.eps, self.norm,
                              model.bounds)
             open_ = best_margin >= 0
         return best
 
 
-def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "Linf":
         return grad.sign()
     n = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))

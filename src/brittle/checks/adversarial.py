@@ -1,30 +1,49 @@
-"""Robust accuracy under an Lp-bounded attack, with every adversarial example re-verified.
+"""Robust accuracy under an Lp-bounded attack ensemble that checks its own soundness.
 
-Work is split into shards evaluated by `evaluate_shard`, a pure function of (model, shard, options,
-seed). Each finished shard is saved at once, so a killed run resumes without redoing it and ends with
-the numbers an uninterrupted run gives.
+Phases, each split into resumable shards evaluated by `evaluate_shard` (a pure function of model, shard,
+plan and seed):
+  1. pre-probes on a seeded probe set decide how gradients are taken (EOT, BPDA, log-probabilities, no CE);
+  2. the main ensemble: minimum-norm distances for the curve, then APGD-CE (short), APGD-DLR, APGD-T;
+  3. post-probes (loss still rising, a black-box attack beating the white-box ones, robust accuracy not
+     falling with eps or surviving a huge eps) and, when one fires, an escalation phase on the points still
+     robust. A probe that escalation did not settle marks the number unreliable.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from ..attacks import PGD, evaluate_shard
+from ..attacks import APGD, FMN, APGDTargeted, Square
+from ..attacks.engine import Plan, evaluate_shard
 from ..attacks.geometry import normalise_norm
+from ..attacks.soundness import ZERO_GRADIENT_SHARE, Probe, gradient_health, is_random, outputs_probabilities, robust_fraction
 from ..errors import UsageError
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, shard_seed, status_from_findings
+from .base import AuditContext, Check, CheckOptions, Needs, shard_seed
+
+LATE_GAIN_SHARE = 0.1  # share of robust points whose loss still rose at the end that fires not-converged
 
 
 class AdversarialOptions(CheckOptions):
     norm: Literal["Linf", "L2"] = "Linf"
     eps: float = Field(8 / 255, gt=0)
-    steps: int = Field(50, ge=1, le=100_000)
-    restarts: int = Field(2, ge=1, le=1000)
+    steps: int = Field(100, ge=1, le=100_000, description="APGD iterations per run")
+    first_steps: int = Field(25, ge=1, description="iterations of the cheap first APGD-CE run")
+    n_targets: int = Field(3, ge=1, description="classes attacked by targeted APGD-DLR")
+    curve: bool = Field(True, description="minimum-norm distances for the robustness curve")
+    curve_steps: int = Field(100, ge=1)
+    square_queries: int = Field(500, ge=1, description="queries of the black-box probe")
+    escalated_queries: int = Field(5000, ge=1, description="Square queries when masking is suspected or no gradients")
+    eot_samples: int = Field(16, ge=1, description="gradient samples per step on a random model")
+    votes: int = Field(9, ge=1, description="forwards per verification on a random model (majority decides)")
+    probe_size: int = Field(64, ge=4)
+    escalate: bool = True
+    max_passes_per_point: float | None = Field(None, gt=0)
     max_samples: int | None = Field(1000, ge=1)
     shard_size: int = Field(128, ge=1)
     examples_shown: int = Field(8, ge=0, le=64)
@@ -42,76 +61,255 @@ class AdversarialOptions(CheckOptions):
                              f"for norm Linf (inputs lie in [{bounds[0]:g}, {bounds[1]:g}]); got {self.eps:g}.{hint}")
 
 
-def attacks_for(options: AdversarialOptions) -> list:
-    return [PGD(norm=options.norm, eps=options.eps, steps=options.steps, restarts=options.restarts)]
-
-
 class Adversarial(Check):
     id = "adversarial"
     title = "Adversarial robustness"
-    needs = Needs(labels=True, gradients=True)
-    metrics = ("robust_accuracy", "clean_accuracy", "attack_success_rate", "n", "eps")
+    needs = Needs(labels=True)
+    metrics = ("robust_accuracy", "clean_accuracy", "attack_success_rate", "n", "eps", "reliable",
+               "forward_passes_per_point", "backward_passes_per_point")
     Options = AdversarialOptions
     order = 50
 
+    # ----- orchestration ------------------------------------------------------------------------------
     def run(self, ctx: AuditContext) -> CheckResult:
         o: AdversarialOptions = self.options
         model, data = ctx.model, ctx.data
-        n_all = len(data)
+        self._start = model.counter.snapshot()
+        positions = self._positions(ctx)
+        x, y = data.x[positions], data.y[positions]
+        probes: list[Probe] = []
+        plan, probe_idx = self._pre_probes(ctx, x, y, probes)
+        state = _Merged(len(x), x)
+        self._phase(ctx, "main", x, y, plan, state, only_robust=False)
+        if o.escalate and model.differentiable:
+            self._post_probes(ctx, x, y, plan, state, probe_idx, probes)
+        return self._summarise(ctx, positions, x, y, state, plan, probes)
+
+    def _positions(self, ctx: AuditContext) -> np.ndarray:
+        n_all, o = len(ctx.data), self.options
         if o.max_samples is not None and o.max_samples < n_all:
             rng = np.random.default_rng(shard_seed(ctx.seed, self.id, -1))
-            positions = np.sort(rng.choice(n_all, size=o.max_samples, replace=False))
-        else:
-            positions = np.arange(n_all)
-        x, y = data.x[positions], data.y[positions]
-        attacks = attacks_for(o)
-        names = [a.name for a in attacks]
+            return np.sort(rng.choice(n_all, size=o.max_samples, replace=False))
+        return np.arange(n_all)
+
+    def _phase(self, ctx: AuditContext, name: str, x, y, plan: Plan, state: "_Merged", *, only_robust: bool) -> None:
+        o = self.options
         starts = list(range(0, len(x), o.shard_size))
-        correct, robust, distance = [], [], []
-        broken_pos, broken_adv, broken_code = [], [], []
-        ctx.progress.start(f"adversarial {o.norm} eps={o.eps:g}", len(starts))
+        ctx.progress.start(f"adversarial {name}", len(starts))
         for s, start in enumerate(starts):
-            key = f"shard-{s:05d}"
+            key = f"{name}-{s:05d}"
             saved = ctx.state.load(key)
             if saved is None:
-                sl = slice(start, start + o.shard_size)
-                out = evaluate_shard(model, x[sl], y[sl], attacks, eps=o.eps, norm=o.norm,
-                                     seed=shard_seed(ctx.seed, self.id, s))
-                hit = (out.correct & ~out.robust).nonzero().squeeze(1)
-                saved = {
-                    "correct": out.correct, "robust": out.robust, "distance": out.distance,
-                    "broken_local": hit, "x_adv": out.x_adv[hit],
-                    "broken_code": torch.tensor([names.index(out.broken_by[i]) for i in hit.tolist()], dtype=torch.long),
-                    "passes": torch.tensor([out.forward, out.backward]),
-                }
+                local = np.arange(start, min(start + o.shard_size, len(x)))
+                if only_robust:
+                    local = local[state.robust[local]]
+                saved = self._evaluate(ctx, x, y, local, plan, shard_seed(ctx.seed, f"{self.id}/{name}", s))
                 ctx.state.save(key, saved)
-                saved = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in saved.items()}
-            else:
+            elif "passes" in saved:
                 ctx.credit_passes(int(saved["passes"][0]), int(saved["passes"][1]))
-            correct.append(saved["correct"])
-            robust.append(saved["robust"])
-            distance.append(saved["distance"])
-            broken_pos.append(saved["broken_local"] + start)
-            broken_adv.append(saved["x_adv"])
-            broken_code.append(saved["broken_code"])
+            state.merge(saved, first=not only_robust)
             ctx.progress.advance()
         ctx.progress.finish()
-        correct_a, robust_a = np.concatenate(correct).astype(bool), np.concatenate(robust).astype(bool)
-        distance_a = np.concatenate(distance).astype(np.float32)
-        b_pos, b_code = np.concatenate(broken_pos).astype(np.int64), np.concatenate(broken_code).astype(np.int64)
-        b_adv = np.concatenate(broken_adv) if len(b_pos) else np.zeros((0, *x.shape[1:]), np.float32)
-        return self._summarise(ctx, positions, x, y, correct_a, robust_a, distance_a, b_pos, b_adv, b_code, names)
 
-    def _summarise(self, ctx, positions, x, y, correct, robust, distance, b_pos, b_adv, b_code, names) -> CheckResult:
+    @staticmethod
+    def _evaluate(ctx: AuditContext, x, y, local: np.ndarray, plan: Plan, seed: int) -> dict[str, np.ndarray]:
+        """evaluate_shard on the points `local`, as the arrays a shard's state file holds."""
+        saved: dict = {"pos": local}
+        if len(local):
+            t = torch.as_tensor(local)
+            out = evaluate_shard(ctx.model, x[t], y[t], plan, seed=seed)
+            hit = (out.correct & ~out.robust).numpy()
+            saved.update({
+                "correct": out.correct, "robust": out.robust, "distance": out.distance,
+                "min_norm_distance": out.min_norm_distance, "late_gain": out.late_gain,
+                "broken_by": np.array(out.broken_by, dtype="U32"), "x_adv": out.x_adv[torch.as_tensor(hit)],
+                "passes": np.array([out.forward, out.backward]), "exhausted": np.array(out.budget_exhausted),
+                "stage_names": np.array(list(out.stage_passes), dtype="U32"),
+                "stage_passes": np.array(list(out.stage_passes.values()), dtype=np.int64).reshape(-1, 2),
+            })
+        return {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in saved.items()}
+
+    # ----- soundness: before the ensemble ------------------------------------------------------------------
+    def _pre_probes(self, ctx: AuditContext, x, y, probes: list[Probe]) -> tuple[Plan, torch.Tensor]:
+        o, model = self.options, ctx.model
+        rng = np.random.default_rng(shard_seed(ctx.seed, self.id, -2))
+        order = torch.as_tensor(rng.permutation(len(x)))
+        pred = model.logits(x[order[: 4 * o.probe_size]]).argmax(1)
+        probe_idx = order[: 4 * o.probe_size][pred == y[order[: 4 * o.probe_size]]][: o.probe_size]
+        px, py = x[probe_idx], y[probe_idx]
+        settings = {"eot_samples": 1, "votes": 1, "straight_through": False, "log_outputs": False}
+        first_loss = "ce"
+        random, diff = is_random(model, px if len(px) else x[:8])
+        if random:
+            settings.update(eot_samples=o.eot_samples, votes=o.votes)
+            probes.append(Probe("adversarial.random-forward", True,
+                                "The forward pass is random: one run of an attack is a draw.", {"max_abs_difference": diff},
+                                f"gradients averaged over {o.eot_samples} samples (EOT); a point counts as broken "
+                                f"when the majority of {o.votes} forwards misclassify it", True))
+        gradients_usable = model.differentiable and len(px) > 0
+        if model.differentiable and len(px):
+            if outputs_probabilities(model, px):
+                first_loss = "margin"
+                with model.escalated(log_outputs=True):
+                    health = gradient_health(model, px, py)
+                settings["log_outputs"] = True
+                settled = health["zero"] + health["nan"] <= ZERO_GRADIENT_SHARE
+                probes.append(Probe("adversarial.probability-outputs", True,
+                                    "The model outputs probabilities: gradients of saturated softmax outputs vanish.",
+                                    health, "attacks use the logarithm of the outputs (same predictions)", settled))
+            with model.escalated(eot_samples=settings["eot_samples"], log_outputs=settings["log_outputs"]):
+                health = gradient_health(model, px, py)
+                if health["zero"] + health["nan"] > ZERO_GRADIENT_SHARE:
+                    with model.escalated(straight_through=True):
+                        fixed = gradient_health(model, px, py)
+                    settled = fixed["zero"] + fixed["nan"] <= ZERO_GRADIENT_SHARE
+                    if settled:
+                        settings["straight_through"] = True
+                    gradients_usable = settled
+                    probes.append(Probe(
+                        "adversarial.zero-gradients", True,
+                        f"{health['zero']:.0%} of probe points have all-zero input gradients and {health['nan']:.0%} "
+                        "non-finite ones: gradient attacks cannot move, and robust accuracy would look high.",
+                        {**health, "after_straight_through": fixed},
+                        "straight-through (BPDA) gradients through round/floor/sign" + (
+                            "" if settled else f" did not restore them; Square with {o.escalated_queries} queries "
+                                               "carries the evaluation"), settled))
+                elif health["ce_vanishing"] > ZERO_GRADIENT_SHARE:
+                    first_loss = "margin"
+                    probes.append(Probe(
+                        "adversarial.saturated-softmax", True,
+                        f"On {health['ce_vanishing']:.0%} of probe points the cross-entropy gradient vanishes while "
+                        "the margin's does not: the softmax is saturated (e.g. logits scaled up).", health,
+                        "cross-entropy replaced by the margin loss; DLR and targeted DLR are scale-invariant", True))
+        plan = self._plan(first_loss, gradients_usable, settings)
+        return plan, probe_idx
+
+    def _plan(self, first_loss: str, gradients_usable: bool, settings: dict) -> Plan:
+        o = self.options
+        kw = dict(norm=o.norm, eps=o.eps)
+        if not gradients_usable:
+            stages = (Square(**kw, queries=o.escalated_queries),)
+            return Plan(o.norm, o.eps, stages, None, settings["eot_samples"], settings["votes"],
+                        settings["straight_through"], settings["log_outputs"], o.max_passes_per_point)
+        stages = (APGD(**kw, steps=o.first_steps, loss=first_loss), APGD(**kw, steps=o.steps, loss="dlr"),
+                  APGDTargeted(**kw, steps=o.steps, n_targets=o.n_targets))
+        min_norm = FMN(norm=o.norm, steps=o.curve_steps) if o.curve else None
+        return Plan(o.norm, o.eps, stages, min_norm, settings["eot_samples"], settings["votes"],
+                    settings["straight_through"], settings["log_outputs"], o.max_passes_per_point)
+
+    # ----- soundness: after the ensemble -------------------------------------------------------------------
+    def _post_probes(self, ctx, x, y, plan: Plan, state: "_Merged", probe_idx, probes: list[Probe]) -> None:
+        o, model = self.options, ctx.model
+        robust_idx = np.flatnonzero(state.robust)
+        late_share = float(state.late_gain[robust_idx].mean()) if len(robust_idx) else 0.0
+        gradient_plan = plan.uses_gradients
+        if late_share > LATE_GAIN_SHARE:
+            before = int(state.robust.sum())
+            longer_attack = (APGD(norm=o.norm, eps=o.eps, steps=2 * o.steps, loss="dlr") if gradient_plan
+                             else Square(norm=o.norm, eps=o.eps, queries=2 * o.escalated_queries))
+            longer = replace(plan, stages=(longer_attack,), min_norm=None)
+            self._phase(ctx, "converge", x, y, longer, state, only_robust=True)
+            still = np.flatnonzero(state.robust)
+            after_share = float(state.late_gain_last[still].mean()) if len(still) else 0.0
+            probes.append(Probe(
+                "adversarial.not-converged", True,
+                f"On {late_share:.0%} of the points left robust, an attack's loss was still rising in its last fifth.",
+                {"share_rising": late_share, "share_rising_after": after_share,
+                 "newly_broken": before - int(state.robust.sum())},
+                f"{longer_attack!r} on the robust points", after_share <= LATE_GAIN_SHARE))
+
+        # A black-box attack on points the white-box ensemble left robust.
+        sub = np.flatnonzero(state.robust)[: o.probe_size]
+        bb_broken = 0
+        if len(sub):
+            probe_plan = replace(plan, stages=(Square(norm=o.norm, eps=o.eps, queries=o.square_queries),), min_norm=None)
+            found = self._evaluate(ctx, x, y, sub, probe_plan, shard_seed(ctx.seed, self.id, -3))
+            bb_broken = int((found["correct"] & ~found["robust"]).sum())
+            state.merge(found, first=False)  # its adversarial examples are verified: they count
+        eps_probe = self._eps_probe(ctx, x, y, plan, probe_idx,
+                                    square_queries=0 if gradient_plan else o.square_queries)
+        eps_fired = eps_probe["increase"] or eps_probe["flat"]
+        big_fired = eps_probe["large"] > 0.1
+        if bb_broken or eps_fired or big_fired:
+            escalated = replace(plan, stages=(Square(norm=o.norm, eps=o.eps, queries=o.escalated_queries),),
+                                min_norm=None, straight_through=True)
+            before = int(state.robust.sum())
+            self._phase(ctx, "masking", x, y, escalated, state, only_robust=True)
+            # Settled when a ten-fold black-box budget on every robust point adds (almost) nothing more.
+            newly = before - int(state.robust.sum())
+            diminishing = newly <= max(1, 0.02 * before)
+            with model.escalated(straight_through=True):
+                recheck = self._eps_probe(ctx, x, y, escalated, probe_idx, square_queries=o.square_queries)
+            escalation = (f"straight-through gradients and Square with {o.escalated_queries} queries on every robust "
+                          f"point ({newly} more broken)")
+            if bb_broken:
+                probes.append(Probe(
+                    "adversarial.black-box-stronger", True,
+                    f"A black-box attack (Square, {o.square_queries} queries) broke {bb_broken} of {len(sub)} points "
+                    "that every gradient attack left robust: gradients are misleading (masking).",
+                    {"broken": bb_broken, "probed": int(len(sub)), "escalation_broke": newly}, escalation, diminishing))
+            if eps_fired:
+                probes.append(Probe(
+                    "adversarial.eps-not-monotonic", True,
+                    "Robust accuracy on the probe set did not fall as eps grew: "
+                    + ", ".join(f"{k:g}x eps: {v:.0%}" for k, v in eps_probe["curve"]), eps_probe, escalation,
+                    not (recheck["increase"] or recheck["flat"])))
+            if big_fired:
+                probes.append(Probe(
+                    "adversarial.large-eps-survives", True,
+                    f"At eps {eps_probe['large_eps']:.3g}, enough to turn every input into the same grey image, "
+                    f"{eps_probe['large']:.0%} of probe points stayed robust: the attacks are not working.",
+                    {"large_eps": eps_probe["large_eps"], "robust": eps_probe["large"], "after": recheck["large"]},
+                    escalation, recheck["large"] <= 0.1))
+
+    def _eps_probe(self, ctx, x, y, plan: Plan, probe_idx, *, square_queries: int) -> dict:
+        o, model = self.options, ctx.model
+        px, py = x[probe_idx], y[probe_idx]
+        if len(px) == 0:
+            return {"curve": [], "increase": False, "flat": False, "large": 0.0, "large_eps": 0.0}
+        span = model.bounds[1] - model.bounds[0]
+        large = 0.5 * span * (1.0 if o.norm == "Linf" else float(np.sqrt(px[0].numel())))
+        seed = shard_seed(ctx.seed, self.id, -4)
+        steps = max(o.first_steps, 20)
+        with model.escalated(eot_samples=plan.eot_samples, straight_through=plan.straight_through,
+                             log_outputs=plan.log_outputs):
+            curve = [(k, robust_fraction(model, px, py, eps=min(k * o.eps, large), norm=o.norm, steps=steps,
+                                         seed=seed, votes=plan.votes, square_queries=square_queries,
+                                         gradients=plan.uses_gradients))
+                     for k in (1, 2, 4)]
+            big = robust_fraction(model, px, py, eps=large, norm=o.norm, steps=steps, seed=seed, votes=plan.votes,
+                                  square_queries=square_queries, gradients=plan.uses_gradients)
+        values = [v for _, v in curve]
+        tolerance = 1.0 / len(px)
+        increase = any(b > a + tolerance for a, b in zip(values, values[1:]))
+        flat = values[0] > 0.05 and values[-1] >= values[0] and 4 * o.eps < large
+        return {"curve": curve, "increase": increase, "flat": flat, "large": big, "large_eps": large}
+
+    # ----- the result ---------------------------------------------------------------------------------
+    def _summarise(self, ctx, positions, x, y, st: "_Merged", plan: Plan, probes: list[Probe]) -> CheckResult:
         o: AdversarialOptions = self.options
-        n = len(correct)
-        clean_acc = float(correct.mean())
-        robust_acc = float(robust.mean())
+        n = len(st.correct)
+        correct, robust = st.correct, st.robust
+        clean_acc, robust_acc = float(correct.mean()), float(robust.mean())
         success = float((correct & ~robust).sum() / max(int(correct.sum()), 1))
         c = ctx.model.num_classes or int(y.max()) + 1
         y_np = y.numpy()
         per_class = [float(robust[y_np == k].mean()) if (y_np == k).any() else None for k in range(c)]
-        findings = []
+        findings: list[Finding] = []
+        for p in probes:
+            findings.append(Finding(p.id, "high" if p.settled is False else "medium",
+                                    f"{p.message} Escalation: {p.escalation}." + (
+                                        "" if p.settled else " It did not settle the question: the number is unreliable."),
+                                    {**p.evidence, "settled": p.settled}))
+        if st.exhausted:
+            findings.append(Finding("adversarial.budget-exhausted", "high",
+                                    f"The pass budget ({o.max_passes_per_point:g} per point) ran out before every "
+                                    "attack ran: robust accuracy is an optimistic bound.", {}))
+        if not ctx.model.differentiable:
+            findings.append(Finding("adversarial.black-box-model", "medium",
+                                    "The model gives no gradients (black box): only the score-based Square attack "
+                                    "ran, which is weaker than white-box attacks on the same model.", {}))
+        reliable = all(p.settled is not False for p in probes) and not st.exhausted
         if clean_acc > 0 and robust_acc < 0.5 * clean_acc:
             severity = "high" if robust_acc < 0.1 * clean_acc else "medium"
             findings.append(Finding(
@@ -119,26 +317,83 @@ class Adversarial(Check):
                 f"Under {o.norm} perturbations of size {o.eps:g}, accuracy falls from {clean_acc:.1%} to "
                 f"{robust_acc:.1%}: {success:.1%} of correctly classified points have a verified adversarial example.",
                 {"clean_accuracy": clean_acc, "robust_accuracy": robust_acc, "eps": o.eps, "norm": o.norm}))
-        # Most fragile first: the smallest verified perturbations.
-        order = np.argsort(distance[b_pos], kind="stable")[: o.examples_shown] if len(b_pos) else np.zeros(0, np.int64)
-        shown = b_pos[order]
+        now = ctx.model.counter.snapshot()  # every pass of this check, probes included, plus resumed work
+        forward = now[0] - self._start[0] + ctx.credited[0]
+        backward = now[1] - self._start[1] + ctx.credited[1]
+        grid = np.linspace(0, 2 * o.eps, 21)
+        curve = [float((correct & (st.distance > e)).mean()) for e in grid]
+        min_norm_only = float((correct & (st.min_norm_distance > o.eps)).mean()) if plan.min_norm else None
+        broken_pos = np.array(sorted(st.x_adv), dtype=np.int64)
+        order = np.argsort(st.distance[broken_pos], kind="stable")[: o.examples_shown] if len(broken_pos) else []
+        shown = broken_pos[order] if len(broken_pos) else broken_pos
         arrays = {"sample_index": positions.astype(np.int64), "correct": correct, "robust": robust,
-                  "perturbation_norm": distance}
+                  "distance": st.distance.astype(np.float32), "broken_by": st.broken_by}
         if len(shown):
-            x_clean = x[torch.as_tensor(shown)].numpy()
-            x_adv = b_adv[order]
+            x_adv = np.stack([st.x_adv[i] for i in shown])
             arrays.update({
-                "example_index": positions[shown], "example_clean": x_clean.astype(np.float32),
+                "example_index": positions[shown], "example_clean": x[torch.as_tensor(shown)].numpy(),
                 "example_adversarial": x_adv.astype(np.float32), "example_label": y_np[shown],
                 "example_adversarial_pred": ctx.model.logits(torch.as_tensor(x_adv)).argmax(1).numpy(),
             })
+            forward += len(shown)
+        labels, counts = np.unique(st.broken_by[st.broken_by != ""], return_counts=True)
         metrics = {"robust_accuracy": robust_acc, "clean_accuracy": clean_acc, "attack_success_rate": success,
-                   "n": n, "eps": o.eps}
+                   "n": n, "eps": o.eps, "reliable": reliable,
+                   "forward_passes_per_point": forward / max(n, 1), "backward_passes_per_point": backward / max(n, 1)}
         details = {
-            "norm": o.norm, "eps": o.eps, "attacks": [repr(a) for a in attacks_for(o)],
+            "norm": o.norm, "eps": o.eps, "plan": plan.describe(), "reliable": reliable,
+            "soundness": [p.to_json() for p in probes],
             "per_class_robust_accuracy": per_class,
-            "broken_by": {name: int((b_code == i).sum()) for i, name in enumerate(names)},
-            "median_perturbation_norm": float(np.nanmedian(distance)) if np.isfinite(distance).any() else None,
+            "broken_by": {str(k): int(v) for k, v in zip(labels, counts)},
+            "passes_by_stage": {k: [v[0] / max(n, 1), v[1] / max(n, 1)] for k, v in st.stage_passes.items()},
+            "curve": {"eps": grid.tolist(), "robust_accuracy": curve,
+                      "min_norm_only_at_eps": min_norm_only, "ensemble_at_eps": robust_acc},
+            "median_distance": float(np.median(st.distance[correct])) if correct.any() else None,
             "samples_evaluated": n, "samples_total": len(ctx.data),
         }
-        return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
+        status = "fail" if any(f.severity == "high" for f in findings) else (
+            "warn" if findings else "pass")
+        return CheckResult(self.id, status, metrics, findings, details, arrays)
+
+
+class _Merged:
+    """Per-point results over every phase: a later phase can only break more points, never unbreak one."""
+
+    def __init__(self, n: int, x: torch.Tensor):
+        self.correct = np.zeros(n, bool)
+        self.robust = np.zeros(n, bool)
+        self.distance = np.full(n, np.inf)
+        self.min_norm_distance = np.full(n, np.inf)
+        self.late_gain = np.zeros(n)
+        self.late_gain_last = np.zeros(n)
+        self.broken_by = np.full(n, "", dtype="U32")
+        self.x_adv: dict[int, np.ndarray] = {}
+        self.passes = [0, 0]
+        self.exhausted = False
+        self.stage_passes: dict[str, list[int]] = {}
+
+    def merge(self, saved: dict, *, first: bool) -> None:
+        pos = saved["pos"].astype(np.int64)
+        if len(pos) == 0:
+            return
+        if first:
+            self.correct[pos] = saved["correct"]
+            self.robust[pos] = saved["robust"]
+            self.min_norm_distance[pos] = saved["min_norm_distance"]
+            self.late_gain[pos] = saved["late_gain"]
+        self.late_gain_last[pos] = saved["late_gain"]
+        newly = pos[self.robust[pos] & ~saved["robust"].astype(bool)]
+        self.robust[pos] &= saved["robust"].astype(bool)
+        self.distance[pos] = np.minimum(self.distance[pos], saved["distance"])
+        hit = pos[saved["correct"].astype(bool) & ~saved["robust"].astype(bool)]
+        for p, adv, by in zip(hit, saved["x_adv"], saved["broken_by"][np.isin(pos, hit)]):
+            if first or p in newly:
+                self.x_adv[int(p)] = adv
+                self.broken_by[p] = by
+        self.passes[0] += int(saved["passes"][0])
+        self.passes[1] += int(saved["passes"][1])
+        self.exhausted |= bool(saved["exhausted"])
+        for name, pair in zip(saved["stage_names"], saved["stage_passes"]):
+            cur = self.stage_passes.setdefault(str(name), [0, 0])
+            cur[0] += int(pair[0])
+            cur[1] += int(pair[1])

@@ -31,8 +31,6 @@ bounds = [0.0, 1.0]
 [adversarial]
 norm = "Linf"
 eps = 0.15
-steps = 50
-restarts = 2
 max_samples = 500
 """
 

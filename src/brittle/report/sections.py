@@ -9,7 +9,7 @@ import numpy as np
 
 from ..result import AuditResult, CheckResult
 from .png import perturbation_image, png_data_uri, to_display_image
-from .svg import bar_chart, heatmap
+from .svg import bar_chart, heatmap, line_chart
 
 __all__ = ["SECTIONS", "section_renderer", "render_section_body"]
 
@@ -54,6 +54,33 @@ def _accuracy(r: CheckResult, audit: AuditResult) -> str:
 def _adversarial(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays
     out = []
+    reliable = d.get("reliable", True)
+    out.append(f'<p><b>{"Reliable" if reliable else "UNRELIABLE"}</b>: '
+               + ("every soundness check passed or was settled by escalation." if reliable else
+                  "a soundness check fired and escalation did not settle it; treat robust accuracy as an upper bound "
+                  "that may be far too high.") + "</p>")
+    if d.get("plan"):
+        out.append("<p class=\"meta\">Ensemble: " + escape("; ".join(d["plan"])) + "</p>")
+    if d.get("soundness"):
+        rows = "".join(
+            f"<tr><td>{escape(p['id'])}</td><td>{escape(p['escalation'])}</td><td>"
+            f"{'settled' if p['settled'] else 'NOT settled'}</td></tr>" for p in d["soundness"])
+        out.append("<h4>Soundness checks that fired</h4><table><tr><th>check</th><th>escalation</th><th>outcome</th></tr>"
+                   f"{rows}</table>")
+    curve = d.get("curve") or {}
+    if curve.get("eps"):
+        out += [f"<h4>Robust accuracy as a function of eps ({escape(str(d.get('norm')))})</h4>",
+                line_chart(curve["eps"], {"robust accuracy (upper bound)": curve["robust_accuracy"]},
+                           xlabel="eps", title="robustness curve"),
+                f'<p class="meta">From the smallest verified adversarial perturbation per point (minimum-norm attack '
+                f"and ensemble). At the audit's eps: ensemble {curve.get('ensemble_at_eps', 0):.3f}"
+                + (f", minimum-norm attack alone {curve['min_norm_only_at_eps']:.3f}"
+                   if curve.get("min_norm_only_at_eps") is not None else "") + ".</p>"]
+    if d.get("passes_by_stage"):
+        rows = "".join(f"<tr><td>{escape(k)}</td><td>{v[0]:.1f}</td><td>{v[1]:.1f}</td></tr>"
+                       for k, v in d["passes_by_stage"].items())
+        out.append("<h4>Cost by attack (passes per evaluated point)</h4><table><tr><th>attack</th><th>forward</th>"
+                   f"<th>backward</th></tr>{rows}</table>")
     if d.get("per_class_robust_accuracy"):
         acc = audit.check("accuracy").details.get("per_class_accuracy") if _has(audit, "accuracy") else None
         names = (audit.check("accuracy").details.get("class_names") if _has(audit, "accuracy") else None) or \
