@@ -17,7 +17,9 @@ from .base import Attack
 from .geometry import lp_norm
 from .verify import verify
 
-__all__ = ["Plan", "ShardOutcome", "evaluate_shard", "majority_predict"]
+__all__ = ["Plan", "ShardOutcome", "evaluate_shard", "majority_predict", "LATE_GAIN_FRACTION"]
+
+LATE_GAIN_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ def evaluate_shard(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, plan: 
             distance[idx[hit]] = torch.minimum(distance[idx[hit]], check.distance[hit])
             _mark(robust, x_adv, broken_by, idx[hit], cand[hit], attack.label)
             if "late_gain" in trace and "total_gain" in trace:
-                rising = (trace["late_gain"] > 0.05 * trace["total_gain"].abs().clamp_min(1e-6)) & ~hit
+                # Still rising: over a quarter of the run's whole gain came in its last fifth.
+                rising = (trace["late_gain"] > LATE_GAIN_FRACTION * trace["total_gain"].abs().clamp_min(1e-6)) & ~hit
                 late_gain[idx[rising]] = 1.0
             elif "late_gain" in trace:
                 late_gain[idx[(trace["late_gain"] > 0) & ~hit]] = 1.0

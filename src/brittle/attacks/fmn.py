@@ -38,6 +38,11 @@ class FMN(Attack):
         # which finds the nearest boundary when the untargeted descent settles on a farther one.
         self.n_targets = int(n_targets)
 
+    def __repr__(self) -> str:
+        cap = f", eps={self.eps:g}" if self.eps < 1e12 else ""
+        targets = f", n_targets={self.n_targets}" if self.n_targets else ""
+        return f"FMN(norm={self.norm!r}, steps={self.steps}{cap}{targets})"
+
     def perturb(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator,
                 trace: dict | None = None) -> torch.Tensor:
         x_adv, _ = self.search(model, x, y)

@@ -3,7 +3,7 @@
 Phases, each split into resumable shards evaluated by `evaluate_shard` (a pure function of model, shard,
 plan and seed):
   1. pre-probes on a seeded probe set decide how gradients are taken (EOT, BPDA, log-probabilities, no CE);
-  2. the main ensemble: minimum-norm distances for the curve, then APGD-CE (short), APGD-DLR, APGD-T;
+  2. the main ensemble: minimum-norm distances for the curve, then APGD-CE (short) and targeted APGD-DLR;
   3. post-probes (loss still rising, a black-box attack beating the white-box ones, robust accuracy not
      falling with eps or surviving a huge eps) and, when one fires, an escalation phase on the points still
      robust. A probe that escalation did not settle marks the number unreliable.
@@ -36,7 +36,7 @@ class AdversarialOptions(CheckOptions):
     first_steps: int = Field(25, ge=1, description="iterations of the cheap first APGD-CE run")
     n_targets: int = Field(3, ge=1, description="classes attacked by targeted APGD-DLR")
     curve: bool = Field(True, description="minimum-norm distances for the robustness curve")
-    curve_steps: int = Field(100, ge=1)
+    curve_steps: int = Field(30, ge=1, description="FMN iterations; its final bisection makes few enough")
     square_queries: int = Field(500, ge=1, description="queries of the black-box probe")
     escalated_queries: int = Field(5000, ge=1, description="Square queries when masking is suspected or no gradients")
     eot_samples: int = Field(16, ge=1, description="gradient samples per step on a random model")
@@ -92,7 +92,9 @@ class Adversarial(Check):
             return np.sort(rng.choice(n_all, size=o.max_samples, replace=False))
         return np.arange(n_all)
 
-    def _phase(self, ctx: AuditContext, name: str, x, y, plan: Plan, state: "_Merged", *, only_robust: bool) -> None:
+    def _phase(self, ctx: AuditContext, name: str, x, y, plan: Plan, state: "_Merged", *, only_robust: bool,
+               mask: np.ndarray | None = None) -> None:
+        """Run `plan` shard by shard on every point (main phase) or on the points still robust (and in `mask`)."""
         o = self.options
         starts = list(range(0, len(x), o.shard_size))
         ctx.progress.start(f"adversarial {name}", len(starts))
@@ -102,7 +104,7 @@ class Adversarial(Check):
             if saved is None:
                 local = np.arange(start, min(start + o.shard_size, len(x)))
                 if only_robust:
-                    local = local[state.robust[local]]
+                    local = local[state.robust[local] & (True if mask is None else mask[local])]
                 saved = self._evaluate(ctx, x, y, local, plan, shard_seed(ctx.seed, f"{self.id}/{name}", s))
                 ctx.state.save(key, saved)
             elif "passes" in saved:
@@ -191,8 +193,9 @@ class Adversarial(Check):
             stages = (Square(**kw, queries=o.escalated_queries),)
             return Plan(o.norm, o.eps, stages, None, settings["eot_samples"], settings["votes"],
                         settings["straight_through"], settings["log_outputs"], o.max_passes_per_point)
-        stages = (APGD(**kw, steps=o.first_steps, loss=first_loss), APGD(**kw, steps=o.steps, loss="dlr"),
-                  APGDTargeted(**kw, steps=o.steps, n_targets=o.n_targets))
+        # Cheap and strong first: a short APGD breaks most breakable points; targeted DLR against the top
+        # classes (the first target is what untargeted DLR would chase) goes after the rest.
+        stages = (APGD(**kw, steps=o.first_steps, loss=first_loss), APGDTargeted(**kw, steps=o.steps, n_targets=o.n_targets))
         min_norm = FMN(norm=o.norm, steps=o.curve_steps) if o.curve else None
         return Plan(o.norm, o.eps, stages, min_norm, settings["eot_samples"], settings["votes"],
                     settings["straight_through"], settings["log_outputs"], o.max_passes_per_point)
@@ -205,18 +208,20 @@ class Adversarial(Check):
         gradient_plan = plan.uses_gradients
         if late_share > LATE_GAIN_SHARE:
             before = int(state.robust.sum())
+            rising = state.late_gain > 0
             longer_attack = (APGD(norm=o.norm, eps=o.eps, steps=2 * o.steps, loss="dlr") if gradient_plan
                              else Square(norm=o.norm, eps=o.eps, queries=2 * o.escalated_queries))
             longer = replace(plan, stages=(longer_attack,), min_norm=None)
-            self._phase(ctx, "converge", x, y, longer, state, only_robust=True)
-            still = np.flatnonzero(state.robust)
+            self._phase(ctx, "converge", x, y, longer, state, only_robust=True, mask=rising)
+            still = np.flatnonzero(state.robust & rising)
             after_share = float(state.late_gain_last[still].mean()) if len(still) else 0.0
             probes.append(Probe(
                 "adversarial.not-converged", True,
-                f"On {late_share:.0%} of the points left robust, an attack's loss was still rising in its last fifth.",
+                f"On {late_share:.0%} of the points left robust, an attack's loss was still rising in its last fifth "
+                "(over a quarter of its gain came there).",
                 {"share_rising": late_share, "share_rising_after": after_share,
                  "newly_broken": before - int(state.robust.sum())},
-                f"{longer_attack!r} on the robust points", after_share <= LATE_GAIN_SHARE))
+                f"{longer_attack!r} on those points", after_share <= LATE_GAIN_SHARE))
 
         # A black-box attack on points the white-box ensemble left robust.
         sub = np.flatnonzero(state.robust)[: o.probe_size]
