@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out")
     a.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
+    a.add_argument("--backend", choices=["local", "process", "ray"], default="local",
+                   help="where sharded work runs: in this process (default), a local process pool, or Ray")
+    a.add_argument("--workers", type=int, help="processes (process) or CPUs of the local Ray cluster (ray)")
+    a.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local one)")
     _common(a)
 
     r = sub.add_parser("report", help="render report.html and junit.xml again from DIR/report.json")
@@ -99,7 +103,8 @@ def _cmd_audit(args, progress: Progress) -> int:
 
     cfg = _config_from_args(args)
     result = audit(None, args.data, train_data=args.train_data, config=cfg, out=args.out, resume=args.resume,
-                   overwrite=args.overwrite, progress=progress)
+                   overwrite=args.overwrite, progress=progress, backend=args.backend, workers=args.workers,
+                   address=args.address)
     if not args.quiet:
         print(render_summary(result, args.out))
     return result.exit_code

@@ -118,6 +118,26 @@ class ModelAdapter:
                 last = m
         return last
 
+    # ----- shipping to workers -----------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Only the private copy travels: the caller's module stays behind, TorchScript goes as bytes."""
+        state = dict(self.__dict__)
+        state["forward"] = None if self._module is not None else self.forward
+        state["_feature_layer"] = None
+        state["counter"] = PassCounter()
+        if isinstance(self._module, torch.jit.ScriptModule):
+            buf = io.BytesIO()
+            torch.jit.save(self._module, buf)
+            state["_module"] = ("torchscript", buf.getvalue())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        module = state.get("_module")
+        if isinstance(module, tuple) and module[0] == "torchscript":
+            state["_module"] = torch.jit.load(io.BytesIO(module[1]), map_location="cpu")
+        self.__dict__.update(state)
+        self._feature_layer = self._find_feature_layer()
+
     @property
     def module(self) -> nn.Module | None:
         """The adapter's private eval-mode copy (None for black-box models)."""

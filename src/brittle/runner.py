@@ -23,6 +23,7 @@ from torch import nn
 from ._atomic import write_npz, write_text
 from ._progress import Progress
 from ._version import __version__
+from .backends import Backend, make_backend
 from .checks import REGISTRY, AuditContext, CheckState
 from .config import AuditConfig, load_config
 from .errors import BrittleError, ResumeMismatchError, UsageError
@@ -46,12 +47,17 @@ def audit(
     resume: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    backend: str | Backend | None = None,
+    workers: int | None = None,
+    address: str | None = None,
 ) -> AuditResult:
     """Audit a classifier on data and return the result the CLI writes as report.json.
 
     `model` is an in-memory `nn.Module`, a `ModelAdapter`, or a path/factory string (see `load_model`).
     `data` is a `Dataset`, an `(x, y)` pair of arrays/tensors, or a path (see `load_data`). With `out`,
     report.json, report.html and junit.xml are written there and the run can be resumed.
+    `backend` ("local" by default, "process" or "ray", with `workers` and Ray's `address`) decides where
+    sharded work runs; the numbers are the same on every backend.
     """
     started = time.time()
     cfg = _as_config(config)
@@ -66,8 +72,9 @@ def audit(
     state_root = _open_state(Path(out), fingerprint, resume, overwrite) if out is not None else None
 
     results: list[CheckResult] = []
-    for cid in cfg.selected_checks():
-        results.append(_run_one(cid, cfg, adapter, ds, train, state_root, progress))
+    with make_backend(backend, workers=workers, address=address) as runner:
+        for cid in cfg.selected_checks():
+            results.append(_run_one(cid, cfg, adapter, ds, train, state_root, progress, runner))
 
     gate_results = evaluate_gates(cfg.parsed_gates(), results)
     if any(g.passed is False for g in gate_results):
@@ -81,7 +88,7 @@ def audit(
         "samples": len(ds), "num_classes": adapter.num_classes, "input_shape": list(adapter.input_shape or ()),
         "bounds": list(adapter.bounds), "differentiable": adapter.differentiable,
         "config": json.loads(cfg.model_dump_json()), "fingerprint": fingerprint,
-        "versions": _versions(), "seed": cfg.seed,
+        "versions": _versions(), "seed": cfg.seed, "backend": getattr(backend, "name", backend) or "local",
         "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 3),
     }
@@ -172,7 +179,7 @@ def _open_state(out: Path, fingerprint: str, resume: bool, overwrite: bool) -> P
 
 
 def _run_one(cid: str, cfg: AuditConfig, adapter: ModelAdapter, ds: Dataset, train: Dataset | None,
-             state_root: Path | None, progress: Progress) -> CheckResult:
+             state_root: Path | None, progress: Progress, backend: Backend) -> CheckResult:
     finished = state_root / "results" / f"{cid}.json" if state_root else None
     if finished is not None and finished.is_file():
         saved = json.loads(finished.read_text())
@@ -185,7 +192,8 @@ def _run_one(cid: str, cfg: AuditConfig, adapter: ModelAdapter, ds: Dataset, tra
 
     check = REGISTRY[cid](cfg.options_for(cid))
     ctx = AuditContext(model=adapter, data=ds, train_data=train, seed=cfg.seed,
-                       state=CheckState(state_root / cid if state_root else None), progress=progress)
+                       state=CheckState(state_root / cid if state_root else None), progress=progress,
+                       backend=backend)
     reason = check.skip_reason(ctx)
     t0 = time.perf_counter()
     f0, b0 = adapter.counter.snapshot()

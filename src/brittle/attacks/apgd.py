@@ -149,20 +149,26 @@ class APGDTargeted(Attack):
 
     name = "apgd-t"
 
-    def __init__(self, *, norm: str = "Linf", eps: float, steps: int = 100, n_targets: int = 3):
+    def __init__(self, *, norm: str = "Linf", eps: float, steps: int = 100, n_targets: int = 3, skip_targets: int = 0):
         super().__init__(norm=norm, eps=eps)
-        if steps < 1 or n_targets < 1:
-            raise ValueError(f"APGDTargeted needs steps >= 1 and n_targets >= 1; got {steps}, {n_targets}.")
-        self.steps, self.n_targets = int(steps), int(n_targets)
+        if steps < 1 or n_targets < 1 or skip_targets < 0:
+            raise ValueError(f"APGDTargeted needs steps >= 1, n_targets >= 1, skip_targets >= 0; got {steps}, "
+                             f"{n_targets}, {skip_targets}.")
+        # skip_targets: start at the (k+1)-th highest class, for a short sweep after a long run on the top ones.
+        self.steps, self.n_targets, self.skip_targets = int(steps), int(n_targets), int(skip_targets)
 
     targeted = True
+
+    @property
+    def label(self) -> str:
+        return "apgd-t-sweep" if self.skip_targets else "apgd-t"
 
     def perturb(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator,
                 trace: dict | None = None) -> torch.Tensor:
         logits = model.logits(x)
         ranked = logits.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
         best, best_margin = x.clone(), torch.full((len(x),), float("inf"))
-        for t in range(min(self.n_targets, logits.shape[1] - 1)):
+        for t in range(self.skip_targets, min(self.skip_targets + self.n_targets, logits.shape[1] - 1)):
             idx = (best_margin >= 0).nonzero().squeeze(1)
             if len(idx) == 0:
                 break
@@ -175,4 +181,5 @@ class APGDTargeted(Attack):
         return best
 
     def __repr__(self) -> str:
-        return f"APGDTargeted(norm={self.norm!r}, eps={self.eps:g}, steps={self.steps}, n_targets={self.n_targets})"
+        skip = f", skip_targets={self.skip_targets}" if self.skip_targets else ""
+        return f"APGDTargeted(norm={self.norm!r}, eps={self.eps:g}, steps={self.steps}, n_targets={self.n_targets}{skip})"

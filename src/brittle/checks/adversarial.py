@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 
 from ..attacks import APGD, FMN, APGDTargeted, Square
 from ..attacks.engine import Plan, evaluate_shard
+from ..backends import Task
 from ..attacks.geometry import normalise_norm
 from ..attacks.soundness import ZERO_GRADIENT_SHARE, Probe, gradient_health, is_random, outputs_probabilities, robust_fraction
 from ..errors import UsageError
@@ -35,9 +36,10 @@ class AdversarialOptions(CheckOptions):
     steps: int = Field(100, ge=1, le=100_000, description="APGD iterations per run")
     first_steps: int = Field(25, ge=1, description="iterations of the cheap first APGD-CE run")
     n_targets: int = Field(3, ge=1, description="classes attacked by targeted APGD-DLR")
+    sweep_steps: int = Field(10, ge=0, description="short targeted runs against every other class (0: none)")
     curve: bool = Field(True, description="minimum-norm distances for the robustness curve")
     curve_steps: int = Field(30, ge=1, description="FMN iterations; its final bisection makes few enough")
-    square_queries: int = Field(500, ge=1, description="queries of the black-box probe")
+    square_queries: int = Field(300, ge=1, description="queries of the black-box probe")
     escalated_queries: int = Field(5000, ge=1, description="Square queries when masking is suspected or no gradients")
     eot_samples: int = Field(16, ge=1, description="gradient samples per step on a random model")
     votes: int = Field(9, ge=1, description="forwards per verification on a random model (majority decides)")
@@ -94,42 +96,56 @@ class Adversarial(Check):
 
     def _phase(self, ctx: AuditContext, name: str, x, y, plan: Plan, state: "_Merged", *, only_robust: bool,
                mask: np.ndarray | None = None) -> None:
-        """Run `plan` shard by shard on every point (main phase) or on the points still robust (and in `mask`)."""
+        """Run `plan` shard by shard on every point (main phase) or on the points still robust (and in `mask`).
+
+        Shards go to the audit's backend; each result is saved the moment it arrives and merged in shard order
+        once all are in, so the numbers do not depend on the backend or on which shards a resume skipped.
+        """
         o = self.options
         starts = list(range(0, len(x), o.shard_size))
+        results: dict[int, dict] = {}
+        tasks: list[Task] = []
         ctx.progress.start(f"adversarial {name}", len(starts))
         for s, start in enumerate(starts):
             key = f"{name}-{s:05d}"
             saved = ctx.state.load(key)
-            if saved is None:
-                local = np.arange(start, min(start + o.shard_size, len(x)))
-                if only_robust:
-                    local = local[state.robust[local] & (True if mask is None else mask[local])]
-                saved = self._evaluate(ctx, x, y, local, plan, shard_seed(ctx.seed, f"{self.id}/{name}", s))
-                ctx.state.save(key, saved)
-            elif "passes" in saved:
-                ctx.credit_passes(int(saved["passes"][0]), int(saved["passes"][1]))
-            state.merge(saved, first=not only_robust)
+            if saved is not None:
+                if "passes" in saved:
+                    ctx.credit_passes(int(saved["passes"][0]), int(saved["passes"][1]))
+                results[s] = saved
+                ctx.progress.advance()
+                continue
+            local = np.arange(start, min(start + o.shard_size, len(x)))
+            if only_robust:
+                local = local[state.robust[local] & (True if mask is None else mask[local])]
+            if len(local) == 0:
+                results[s] = {"pos": local}
+                ctx.state.save(key, results[s])
+                ctx.progress.advance()
+                continue
+            tasks.append(Task(key, local, (plan, shard_seed(ctx.seed, f"{self.id}/{name}", s))))
+
+        def done(task: Task, result: dict) -> None:
+            result = {"pos": task.positions, **{k: np.asarray(v) for k, v in result.items()}}
+            ctx.state.save(task.key, result)
+            if not ctx.backend.in_process:  # passes made on a worker never touched the driver's counter
+                ctx.credit_passes(int(result["passes"][0]), int(result["passes"][1]))
+            results[int(task.key.rsplit("-", 1)[1])] = result
             ctx.progress.advance()
+
+        if tasks:
+            ctx.backend.run(shard_arrays, ctx.model, x, y, tasks, done)
         ctx.progress.finish()
+        for s in sorted(results):
+            state.merge(results[s], first=not only_robust)
 
     @staticmethod
     def _evaluate(ctx: AuditContext, x, y, local: np.ndarray, plan: Plan, seed: int) -> dict[str, np.ndarray]:
-        """evaluate_shard on the points `local`, as the arrays a shard's state file holds."""
-        saved: dict = {"pos": local}
-        if len(local):
-            t = torch.as_tensor(local)
-            out = evaluate_shard(ctx.model, x[t], y[t], plan, seed=seed)
-            hit = (out.correct & ~out.robust).numpy()
-            saved.update({
-                "correct": out.correct, "robust": out.robust, "distance": out.distance,
-                "min_norm_distance": out.min_norm_distance, "late_gain": out.late_gain,
-                "broken_by": np.array(out.broken_by, dtype="U32"), "x_adv": out.x_adv[torch.as_tensor(hit)],
-                "passes": np.array([out.forward, out.backward]), "exhausted": np.array(out.budget_exhausted),
-                "stage_names": np.array(list(out.stage_passes), dtype="U32"),
-                "stage_passes": np.array(list(out.stage_passes.values()), dtype=np.int64).reshape(-1, 2),
-            })
-        return {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in saved.items()}
+        """One shard on the points `local`, in the driver (for probes)."""
+        if len(local) == 0:
+            return {"pos": local}
+        t = torch.as_tensor(local)
+        return {"pos": local, **shard_arrays(ctx.model, x[t], y[t], plan, seed)}
 
     # ----- soundness: before the ensemble ------------------------------------------------------------------
     def _pre_probes(self, ctx: AuditContext, x, y, probes: list[Probe]) -> tuple[Plan, torch.Tensor]:
@@ -195,7 +211,11 @@ class Adversarial(Check):
                         settings["straight_through"], settings["log_outputs"], o.max_passes_per_point)
         # Cheap and strong first: a short APGD breaks most breakable points; targeted DLR against the top
         # classes (the first target is what untargeted DLR would chase) goes after the rest.
+        # Targeted DLR: full runs against the top classes (the first is what untargeted DLR would chase), then a
+        # short sweep over every other class for the few points that only fall to a low-ranked target.
         stages = (APGD(**kw, steps=o.first_steps, loss=first_loss), APGDTargeted(**kw, steps=o.steps, n_targets=o.n_targets))
+        if o.sweep_steps:
+            stages += (APGDTargeted(**kw, steps=o.sweep_steps, n_targets=10_000, skip_targets=o.n_targets),)
         min_norm = FMN(norm=o.norm, steps=o.curve_steps) if o.curve else None
         return Plan(o.norm, o.eps, stages, min_norm, settings["eot_samples"], settings["votes"],
                     settings["straight_through"], settings["log_outputs"], o.max_passes_per_point)
@@ -353,12 +373,30 @@ class Adversarial(Check):
             "passes_by_stage": {k: [v[0] / max(n, 1), v[1] / max(n, 1)] for k, v in st.stage_passes.items()},
             "curve": {"eps": grid.tolist(), "robust_accuracy": curve,
                       "min_norm_only_at_eps": min_norm_only, "ensemble_at_eps": robust_acc},
+            "workers": {w: {"shards": v[0], "seconds": round(v[1], 3), "forward_passes": v[2], "backward_passes": v[3]}
+                        for w, v in sorted(st.workers.items())},
             "median_distance": float(np.median(st.distance[correct])) if correct.any() else None,
             "samples_evaluated": n, "samples_total": len(ctx.data),
         }
         status = "fail" if any(f.severity == "high" for f in findings) else (
             "warn" if findings else "pass")
         return CheckResult(self.id, status, metrics, findings, details, arrays)
+
+
+def shard_arrays(model, x: torch.Tensor, y: torch.Tensor, plan: Plan, seed: int) -> dict[str, np.ndarray]:
+    """evaluate_shard, as the arrays a shard's state file holds. A module-level function so that a worker
+    process or a Ray task can run it."""
+    out = evaluate_shard(model, x, y, plan, seed=seed)
+    hit = (out.correct & ~out.robust).numpy()
+    arrays = {
+        "correct": out.correct, "robust": out.robust, "distance": out.distance,
+        "min_norm_distance": out.min_norm_distance, "late_gain": out.late_gain,
+        "broken_by": np.array(out.broken_by, dtype="U32"), "x_adv": out.x_adv[torch.as_tensor(hit)],
+        "passes": np.array([out.forward, out.backward]), "exhausted": np.array(out.budget_exhausted),
+        "stage_names": np.array(list(out.stage_passes), dtype="U32"),
+        "stage_passes": np.array(list(out.stage_passes.values()), dtype=np.int64).reshape(-1, 2),
+    }
+    return {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in arrays.items()}
 
 
 class _Merged:
@@ -376,6 +414,7 @@ class _Merged:
         self.passes = [0, 0]
         self.exhausted = False
         self.stage_passes: dict[str, list[int]] = {}
+        self.workers: dict[str, list[float]] = {}  # worker -> [shards, seconds, forward, backward]
 
     def merge(self, saved: dict, *, first: bool) -> None:
         pos = saved["pos"].astype(np.int64)
@@ -398,6 +437,12 @@ class _Merged:
         self.passes[0] += int(saved["passes"][0])
         self.passes[1] += int(saved["passes"][1])
         self.exhausted |= bool(saved["exhausted"])
+        if "worker" in saved:
+            w = self.workers.setdefault(str(saved["worker"]), [0, 0.0, 0, 0])
+            w[0] += 1
+            w[1] += float(saved["seconds"])
+            w[2] += int(saved["passes"][0])
+            w[3] += int(saved["passes"][1])
         for name, pair in zip(saved["stage_names"], saved["stage_passes"]):
             cur = self.stage_passes.setdefault(str(name), [0, 0])
             cur[0] += int(pair[0])

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .._atomic import write_npz
 from .._progress import Progress
+from ..backends import Backend, LocalBackend
 from ..loading.data import Dataset
 from ..model import ModelAdapter
 from ..result import CheckResult, Finding
@@ -79,6 +80,7 @@ class AuditContext:
     seed: int = 0
     state: CheckState = field(default_factory=lambda: CheckState(None))
     progress: Progress = field(default_factory=Progress)
+    backend: Backend = field(default_factory=LocalBackend)
     credited: list[int] = field(default_factory=lambda: [0, 0])
 
     def credit_passes(self, forward: int, backward: int) -> None:

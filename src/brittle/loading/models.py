@@ -203,6 +203,13 @@ class _OnnxForward:
         if len(inputs) != 1:
             raise InputError(path, f"the ONNX model has {len(inputs)} inputs; brittle needs exactly one (the batch)")
         self.input_name = inputs[0].name
+        self.path = path
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}  # a session cannot be pickled; a worker opens its own
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
