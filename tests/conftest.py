@@ -19,6 +19,17 @@ class TinyMLP(nn.Module):
         return self.net(x)
 
 
+class Noisy(nn.Module):
+    """A random forward: Gaussian noise on the input at test time."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x + 0.05 * torch.randn_like(x))
+
+
 def make_blobs(n: int = 240, classes: int = 3, seed: int = 0, noise: float = 0.25):
     """Images of class prototypes plus noise, in [0, 1]."""
     g = np.random.default_rng(seed)

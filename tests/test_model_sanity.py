@@ -3,7 +3,7 @@ from torch import nn
 
 from brittle import audit
 
-from .conftest import TinyMLP
+from .conftest import Noisy
 
 
 class Softmaxed(nn.Module):
@@ -13,15 +13,6 @@ class Softmaxed(nn.Module):
 
     def forward(self, x):
         return torch.softmax(self.inner(x), 1)
-
-
-class Noisy(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x + 0.05 * torch.randn_like(x))
 
 
 def _ids(result):

@@ -7,6 +7,8 @@ from torch import nn
 
 from brittle import audit
 
+from .conftest import Noisy
+
 FAST = {"eps": 0.1, "max_samples": 60, "steps": 20, "first_steps": 10, "curve_steps": 20, "probe_size": 16,
         "square_queries": 100, "escalated_queries": 300, "eot_samples": 4, "votes": 5}
 
@@ -29,15 +31,6 @@ class Saturated(nn.Module):
 
     def forward(self, x):
         return self.inner(x) * 1000
-
-
-class Noisy(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x + 0.05 * torch.randn_like(x))
 
 
 class _Reverse(torch.autograd.Function):

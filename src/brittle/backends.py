@@ -150,7 +150,12 @@ class ProcessBackend(Backend):
 
 # ----- Ray --------------------------------------------------------------------------------------------
 def _ray_task(fn: TaskFn, model, x, y, task: Task) -> dict:
-    return _timed(fn, model, x, y, task)
+    import warnings
+
+    with warnings.catch_warnings():
+        # Tensors from the object store are read-only views; brittle indexes (copies) them, never writes.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return _timed(fn, model, x, y, task)
 
 
 class RayBackend(Backend):
@@ -170,6 +175,7 @@ class RayBackend(Backend):
         self.address = None if address in (None, "", "local") else address
         self.workers = workers
         self._started = False
+        self._init_timeout = init_timeout
         self._connect(init_timeout)
         self._remote = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_ray_task)
         self._refs: dict[int, tuple[Any, Any]] = {}  # id(object) -> (object, ref): each goes to the store once
@@ -200,6 +206,9 @@ class RayBackend(Backend):
 
     def run(self, fn, model, x, y, tasks, on_done):
         ray = self.ray
+        if not ray.is_initialized():  # closed earlier: start our cluster again rather than Ray's default one
+            self._refs.clear()
+            self._connect(self._init_timeout)
         refs = self._put(model), self._put(x), self._put(y)
         futures = {self._remote.remote(fn, *refs, t): t for t in tasks}
         pending = list(futures)
@@ -207,6 +216,10 @@ class RayBackend(Backend):
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 on_done(futures[ref], ray.get(ref))
+
+    @property
+    def cpus(self) -> float:
+        return float(self.ray.cluster_resources().get("CPU", 0))
 
     def _put(self, obj):
         """The object store ref for obj, made once (the model is shipped once per audit, not per task)."""

@@ -72,9 +72,13 @@ def audit(
     state_root = _open_state(Path(out), fingerprint, resume, overwrite) if out is not None else None
 
     results: list[CheckResult] = []
-    with make_backend(backend, workers=workers, address=address) as runner:
+    runner = make_backend(backend, workers=workers, address=address)
+    try:
         for cid in cfg.selected_checks():
             results.append(_run_one(cid, cfg, adapter, ds, train, state_root, progress, runner))
+    finally:
+        if runner is not backend:  # a backend the caller passed in is the caller's to close
+            runner.close()
 
     gate_results = evaluate_gates(cfg.parsed_gates(), results)
     if any(g.passed is False for g in gate_results):
