@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from brittle import ModelAdapter
-from brittle.attacks import APGD, FGSM, FMN, PGD, APGDTargeted, Plan, Square, evaluate_shard, lp_norm, margin, verify
+from brittle.attacks import APGD, FGSM, FMN, PGD, APGDTargeted, Plan, Square, evaluate_shard, lp_norm, verify
 
 ATTACKS = {
     "fgsm": lambda norm, eps: FGSM(norm=norm, eps=eps),

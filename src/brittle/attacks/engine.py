@@ -14,7 +14,6 @@ import torch
 
 from ..model import ModelAdapter
 from .base import Attack
-from .geometry import lp_norm
 from .verify import verify
 
 __all__ = ["Plan", "ShardOutcome", "evaluate_shard", "majority_predict", "LATE_GAIN_FRACTION"]
@@ -161,6 +160,3 @@ def _delta(model, s0) -> list[int]:
 def _add(a, b):
     return b if a is None else [a[0] + b[0], a[1] + b[1]]
 
-
-def perturbation_size(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
-    return lp_norm(x_adv - x, norm)
