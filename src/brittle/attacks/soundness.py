@@ -19,7 +19,8 @@ from .apgd import APGD
 from .losses import ce_loss, margin
 from .square import Square
 
-__all__ = ["Probe", "gradient_health", "is_random", "outputs_probabilities", "robust_fraction"]
+__all__ = ["Probe", "forwards_differ", "gradient_health", "is_random", "outputs_probabilities", "robust_fraction",
+           "rows_are_probabilities"]
 
 ZERO_GRADIENT_SHARE = 0.1  # more than this share of probe points with an all-zero gradient fires the probe
 
@@ -38,15 +39,23 @@ class Probe:
                 "escalation": self.escalation, "settled": self.settled}
 
 
-def is_random(model: ModelAdapter, x: torch.Tensor) -> tuple[bool, float]:
-    a, b = model.logits(x), model.logits(x)
+def forwards_differ(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
+    """Whether two forwards on the same inputs differ beyond float noise, and by how much."""
     diff = float((a - b).abs().max())
     return diff > 1e-5 * max(1.0, float(a.abs().max())), diff
 
 
-def outputs_probabilities(model: ModelAdapter, x: torch.Tensor) -> bool:
-    out = model.logits(x)
+def rows_are_probabilities(out: torch.Tensor) -> bool:
+    """Every row in [0, 1] and summing to 1: a softmax output, not logits."""
     return bool(((out >= -1e-6) & (out <= 1 + 1e-6)).all()) and bool(((out.sum(1) - 1).abs() < 1e-3).all())
+
+
+def is_random(model: ModelAdapter, x: torch.Tensor) -> tuple[bool, float]:
+    return forwards_differ(model.logits(x), model.logits(x))
+
+
+def outputs_probabilities(model: ModelAdapter, x: torch.Tensor) -> bool:
+    return rows_are_probabilities(model.logits(x))
 
 
 def gradient_health(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

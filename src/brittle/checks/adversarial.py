@@ -20,12 +20,12 @@ from pydantic import Field, field_validator
 
 from ..attacks import APGD, FMN, APGDTargeted, Square
 from ..attacks.engine import Plan, evaluate_shard
-from ..backends import Task
 from ..attacks.geometry import normalise_norm
 from ..attacks.soundness import ZERO_GRADIENT_SHARE, Probe, gradient_health, is_random, outputs_probabilities, robust_fraction
+from ..backends import Task
 from ..errors import UsageError
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, shard_seed
+from .base import AuditContext, Check, CheckOptions, Needs, shard_seed, status_from_findings
 
 LATE_GAIN_SHARE = 0.1  # share of robust points whose loss still rose at the end that fires not-converged
 
@@ -81,7 +81,7 @@ class Adversarial(Check):
         x, y = data.x[positions], data.y[positions]
         probes: list[Probe] = []
         plan, probe_idx = self._pre_probes(ctx, x, y, probes)
-        state = _Merged(len(x), x)
+        state = _Merged(len(x))
         self._phase(ctx, "main", x, y, plan, state, only_robust=False)
         if o.escalate and model.differentiable:
             self._post_probes(ctx, x, y, plan, state, probe_idx, probes)
@@ -378,9 +378,7 @@ class Adversarial(Check):
             "median_distance": float(np.median(st.distance[correct])) if correct.any() else None,
             "samples_evaluated": n, "samples_total": len(ctx.data),
         }
-        status = "fail" if any(f.severity == "high" for f in findings) else (
-            "warn" if findings else "pass")
-        return CheckResult(self.id, status, metrics, findings, details, arrays)
+        return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
 
 
 def shard_arrays(model, x: torch.Tensor, y: torch.Tensor, plan: Plan, seed: int) -> dict[str, np.ndarray]:
@@ -402,7 +400,7 @@ def shard_arrays(model, x: torch.Tensor, y: torch.Tensor, plan: Plan, seed: int)
 class _Merged:
     """Per-point results over every phase: a later phase can only break more points, never unbreak one."""
 
-    def __init__(self, n: int, x: torch.Tensor):
+    def __init__(self, n: int):
         self.correct = np.zeros(n, bool)
         self.robust = np.zeros(n, bool)
         self.distance = np.full(n, np.inf)

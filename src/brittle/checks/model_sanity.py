@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attacks.soundness import forwards_differ, rows_are_probabilities
 from ..result import CheckResult, Finding
 from .base import AuditContext, Check, Needs, status_from_findings
 
@@ -28,16 +29,16 @@ class ModelSanity(Check):
         first = model.logits(x)
         second = model.logits(x)
         findings: list[Finding] = []
-        max_diff = float((first - second).abs().max())
-        deterministic = max_diff <= 1e-5 * max(1.0, float(first.abs().max()))
-        if not deterministic:
+        random, max_diff = forwards_differ(first, second)
+        deterministic = not random
+        if random:
             findings.append(Finding(
                 "model.random-forward", "high",
                 "Two forward passes on the same inputs gave different outputs: the model is random at test time. "
                 "Single-sample attack results are draws; robust accuracy needs expectation over the randomness (EOT).",
                 {"max_abs_difference": max_diff, "samples": len(x)}))
         row_sums = first.sum(1)
-        probs = bool(((first >= -1e-6) & (first <= 1 + 1e-6)).all()) and bool(((row_sums - 1).abs() < 1e-3).all())
+        probs = rows_are_probabilities(first)
         log_probs = bool((first <= 1e-6).all()) and bool(((torch.logsumexp(first, 1)).abs() < 1e-3).all())
         if probs:
             findings.append(Finding(
