@@ -93,6 +93,32 @@ def test_minimum_norm_attack_finds_the_analytic_distance(norm, classes, targets)
     assert float(rel.median()) < 1e-3 and float((rel < 0.01).float().mean()) >= 0.95
 
 
+def test_targeted_give_up_saves_passes_on_hopeless_points_and_breaks_the_same_ones():
+    """Dropping points still far from the boundary at the first checkpoint changes what is spent, not what is found."""
+    lin = _linear(classes=5, seed=5)
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+    y = lin(x).detach().argmax(1)
+    eps = float(_analytic_distance(lin, x, y, "Linf").quantile(0.3))
+    found, spent = [], []
+    for give_up in (None, (0.22, -0.2)):
+        model = ModelAdapter(lin, bounds=(-10.0, 10.0))
+        attack = APGDTargeted(eps=eps, steps=40, n_targets=4, give_up=give_up)
+        found.append(verify(model, x, y, attack(model, x, y, seed=1), eps=eps, norm="Linf").adversarial)
+        spent.append(model.counter.snapshot()[1])
+    assert float(found[0].float().mean()) > 0.2
+    assert torch.equal(found[0], found[1])
+    assert spent[1] < 0.6 * spent[0]
+
+
+def test_a_run_that_ends_early_reports_no_late_gain(tiny_model, blobs):
+    """Every point broken (or given up) before the last fifth: nothing rose late, whatever the total gain."""
+    model = ModelAdapter(tiny_model)
+    x, y = torch.from_numpy(blobs[0][:40]), torch.from_numpy(blobs[1][:40])
+    trace: dict = {}
+    APGD(eps=0.9, steps=50, loss="dlr")(model, x, y, trace=trace)
+    assert float(trace["total_gain"].abs().max()) > 0 and float(trace["late_gain"].abs().max()) == 0.0
+
+
 def test_square_needs_no_gradients_and_breaks_points(tiny_model, blobs):
     box = ModelAdapter(lambda z: tiny_model(z).detach(), differentiable=False, source_fingerprint="box")
     x, y = torch.from_numpy(blobs[0][:60]), torch.from_numpy(blobs[1][:60])

@@ -34,8 +34,13 @@ def apgd_checkpoints(steps: int) -> list[int]:
 
 def apgd_run(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, loss_fn: LossOnSubset, *, eps: float, norm: str,
              steps: int, generator: torch.Generator, start_random: bool = True, rho: float = 0.75,
-             momentum: float = 0.75, trace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One APGD run. Returns the lowest-margin iterate per sample and its margin (negative: broken)."""
+             momentum: float = 0.75, trace: dict | None = None,
+             give_up: tuple[int, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One APGD run. Returns the lowest-margin iterate per sample and its margin (negative: broken).
+
+    `give_up = (step, loss)`: at that step, stop attacking points whose best loss is still below `loss`
+    (hopeless points, in the spirit of A3's discarding; the loss must be scale-free, e.g. DLR).
+    """
     n = len(x)
     bounds = model.bounds
     view = (-1,) + (1,) * (x.dim() - 1)
@@ -58,6 +63,8 @@ def apgd_run(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
     for k in range(steps):
         if k == late_step:
             loss_at_late = best_loss.clone()
+        if give_up is not None and k == give_up[0]:
+            active &= best_loss >= give_up[1]
         a = active.nonzero().squeeze(1)
         if len(a) == 0:
             break
@@ -90,7 +97,8 @@ def apgd_run(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
             successes.zero_()
             ckpt_loss, ckpt_eta, last_ckpt = best_loss.clone(), eta.clone(), k + 1
     if trace is not None:
-        late = loss_at_late if loss_at_late is not None else start_loss
+        # A run that stopped before its last fifth (every point broken or given up) gained nothing late.
+        late = loss_at_late if loss_at_late is not None else best_loss
         trace["late_gain"] = best_loss - late
         trace["total_gain"] = best_loss - start_loss
     return x_adv, adv_margin
@@ -149,8 +157,11 @@ class APGDTargeted(Attack):
 
     name = "apgd-t"
 
-    def __init__(self, *, norm: str = "Linf", eps: float, steps: int = 100, n_targets: int = 3, skip_targets: int = 0):
+    def __init__(self, *, norm: str = "Linf", eps: float, steps: int = 100, n_targets: int = 3, skip_targets: int = 0,
+                 give_up: tuple[float, float] | None = None):
         super().__init__(norm=norm, eps=eps)
+        # give_up = (fraction of steps, targeted-DLR loss): points still below that loss then are dropped.
+        self.give_up = give_up
         if steps < 1 or n_targets < 1 or skip_targets < 0:
             raise ValueError(f"APGDTargeted needs steps >= 1, n_targets >= 1, skip_targets >= 0; got {steps}, "
                              f"{n_targets}, {skip_targets}.")
@@ -174,7 +185,8 @@ class APGDTargeted(Attack):
                 break
             ys, ts, run = y[idx], ranked[idx, t], {}
             xa, m = apgd_run(model, x[idx], ys, lambda z, i: dlr_targeted_loss(z, ys[i], ts[i]), eps=self.eps,
-                             norm=self.norm, steps=self.steps, generator=generator, trace=run)
+                             norm=self.norm, steps=self.steps, generator=generator, trace=run,
+                             give_up=None if self.give_up is None else (int(self.give_up[0] * self.steps), self.give_up[1]))
             _record(trace, run, idx, len(x))
             better = m < best_margin[idx]
             best[idx[better]], best_margin[idx[better]] = xa[better], m[better]
