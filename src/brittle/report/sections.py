@@ -106,6 +106,33 @@ def _adversarial(r: CheckResult, audit: AuditResult) -> str:
     return "".join(out)
 
 
+@section_renderer("label_errors")
+def _label_errors(r: CheckResult, audit: AuditResult) -> str:
+    d, a = r.details, r.arrays
+    out = [f'<p class="meta">Out-of-sample probabilities: {d.get("folds")}-fold {escape(str(d.get("estimator")))} on the '
+           f'model\'s {escape(str(d.get("embedding")))} (out-of-sample accuracy {d.get("out_of_sample_accuracy", 0):.3f}); '
+           "flagged by cleanlab's confident learning, ranked by self-confidence.</p>"]
+    names = d.get("class_names") or []
+    if d.get("flagged_per_class"):
+        out += ["<h4>Flagged labels per given class</h4>", bar_chart(names, {"flagged": d["flagged_per_class"]},
+                                                                     title="flagged labels per class")]
+    if "example_image" in a and len(a["example_image"]):
+        low, high = audit.run.get("bounds", [0.0, 1.0])
+        figs = []
+        for i in range(len(a["example_image"])):
+            img = to_display_image(a["example_image"][i], low, high)
+            if img is None:
+                break
+            given, sug = int(a["example_label"][i]), int(a["example_suggested"][i])
+            label = lambda k: names[k] if k < len(names) else str(k)  # noqa: E731
+            figs.append(_img(img, f"train #{int(a['example_index'][i])}: labelled {label(given)}, "
+                                  f"looks like {label(sug)} ({float(a['example_quality'][i]):.2f})"))
+        if figs:
+            out += ["<h4>Most suspicious labels (self-confidence in brackets)</h4>",
+                    '<div class="examples">' + "".join(figs) + "</div>"]
+    return "".join(out)
+
+
 @section_renderer("model")
 def _model(r: CheckResult, audit: AuditResult) -> str:
     d = r.details

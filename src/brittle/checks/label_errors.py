@@ -1,0 +1,123 @@
+"""Label errors in the training set: confident learning (cleanlab) on out-of-sample probabilities.
+
+What users most often get wrong is the probabilities: the audited model has fitted its own training labels,
+wrong ones included, so its in-sample softmax hides the errors. Here every training example is scored by a
+cheap model that never saw it: K-fold k-nearest-neighbours on the audited model's penultimate features
+(standardised; the model's logits where it has no feature layer). The features come from one forward pass;
+the K fits take seconds. cleanlab's `find_label_issues` then flags, and its self-confidence ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..result import CheckResult, Finding
+from .base import AuditContext, Check, CheckOptions, Needs, status_from_findings
+
+INSTALL = "pip install 'brittle[data]' (with -c constraints.txt in this environment)"
+
+
+class LabelErrorOptions(CheckOptions):
+    folds: int = Field(5, ge=2, le=50, description="K of the K-fold out-of-sample probabilities")
+    estimator: Literal["knn", "logistic"] = Field("knn", description="the cheap model fitted on the features")
+    neighbours: int = Field(25, ge=1, description="k of the k-nearest-neighbours estimator")
+    max_share: float = Field(0.01, ge=0, le=1, description="a flagged share above this is a finding")
+    examples_shown: int = Field(16, ge=0, le=64)
+
+
+class LabelErrors(Check):
+    id = "label_errors"
+    title = "Label errors in the training set"
+    needs = Needs(labels=False, train_data=True)
+    metrics = ("label_issue_share", "label_issues")
+    Options = LabelErrorOptions
+    order = 40
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:
+        reason = super().skip_reason(ctx)
+        if reason is not None:
+            return reason
+        if ctx.train_data.y is None:
+            return "needs labels in the training set"
+        if not _cleanlab_available():
+            return f"needs cleanlab and scikit-learn: {INSTALL}"
+        counts = np.bincount(ctx.train_data.y.numpy())
+        if counts[counts > 0].min() < self.options.folds:
+            return (f"needs at least folds={self.options.folds} training examples in every class (the smallest has "
+                    f"{int(counts[counts > 0].min())}): lower 'folds' in [label_errors]")
+        return None
+
+    def run(self, ctx: AuditContext) -> CheckResult:
+        o = self.options
+        from cleanlab.filter import find_label_issues
+        train = ctx.train_data
+        y = train.y.numpy()
+        ctx.progress.message(f"label_errors: out-of-sample probabilities for {len(y)} training examples ({o.folds}-fold)")
+        embedding, space = embed(ctx.model, train.x)
+        probs = out_of_sample_probabilities(embedding, y, folds=o.folds, estimator=o.estimator,
+                                            neighbours=o.neighbours, seed=ctx.seed)
+        flagged = find_label_issues(y, probs)
+        quality = probs[np.arange(len(y)), y]  # self-confidence: cleanlab's default label quality score
+        suggested = probs.argmax(1)
+        share = float(flagged.mean())
+        order = np.flatnonzero(flagged)[np.argsort(quality[flagged], kind="stable")]
+        names = train.class_names or [str(i) for i in range(probs.shape[1])]
+        findings = []
+        if share > o.max_share:
+            findings.append(Finding(
+                "label_errors.found", "medium",
+                f"{int(flagged.sum())} of {len(y)} training labels ({share:.1%}) are probably wrong (confident learning "
+                f"on {o.folds}-fold out-of-sample probabilities); the most suspicious are listed in the report.",
+                {"flagged": int(flagged.sum()), "share": share, "top": _positions(train, order[:20]).tolist()}))
+        per_class = [int(flagged[y == c].sum()) for c in range(probs.shape[1])]
+        shown = order[: o.examples_shown]
+        details = {"estimator": o.estimator, "folds": o.folds, "embedding": space, "class_names": names,
+                   "flagged_per_class": per_class,
+                   "out_of_sample_accuracy": float((suggested == y).mean())}
+        arrays = {"train_index": _positions(train, np.arange(len(y))), "flagged": flagged, "label_quality": quality.astype(np.float32),
+                  "suggested_label": suggested, "example_index": _positions(train, shown),
+                  "example_image": train.x[torch.as_tensor(shown, dtype=torch.long)].numpy(),
+                  "example_label": y[shown], "example_suggested": suggested[shown],
+                  "example_quality": quality[shown].astype(np.float32)}
+        metrics = {"label_issue_share": share, "label_issues": int(flagged.sum())}
+        return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
+
+
+def embed(model, x: torch.Tensor) -> tuple[np.ndarray, str]:
+    """Penultimate features where the model has a feature layer, else its logits (a black box has only those)."""
+    feats = model.features(x) if model.has_features else None
+    if feats is not None:
+        return feats.numpy().astype(np.float64), "penultimate features"
+    return model.logits(x).numpy().astype(np.float64), "logits"
+
+
+def out_of_sample_probabilities(embedding: np.ndarray, y: np.ndarray, *, folds: int, estimator: str, neighbours: int,
+                                seed: int) -> np.ndarray:
+    """(n, classes) probabilities, each row from a model fitted without that row. Classes absent from a fold's
+    training part get probability 0 there (cross_val_predict handles the column alignment)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    z = (embedding - embedding.mean(0)) / (embedding.std(0) + 1e-8)
+    model = (KNeighborsClassifier(min(neighbours, len(y) // 2)) if estimator == "knn"
+             else LogisticRegression(C=0.1, max_iter=1000))
+    probs = cross_val_predict(model, z, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed % 2**32),
+                              method="predict_proba")
+    full = np.zeros((len(y), max(int(y.max()) + 1, probs.shape[1])))
+    full[:, np.unique(y)] = probs
+    return full
+
+
+def _positions(ds, idx: np.ndarray) -> np.ndarray:
+    return (ds.indices[idx] if ds.indices is not None else idx).astype(np.int64)
+
+
+def _cleanlab_available() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("cleanlab") is not None and find_spec("sklearn") is not None
