@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("mlxtend")
@@ -15,5 +16,11 @@ def test_demo_runs_a_real_audit(tmp_path):
     checks = {c["id"]: c for c in report["checks"]}
     assert checks["accuracy"]["metrics"]["accuracy"] > 0.9
     assert checks["adversarial"]["metrics"]["robust_accuracy"] < checks["adversarial"]["metrics"]["clean_accuracy"]
-    assert report["verdict"] == "fail"  # the demo model is not robust at eps 0.1, and its gate says so
+    assert report["verdict"] == "fail"  # the demo model is not robust at eps 0.15, and its gate says so
+    # The planted backdoor is found: the right class, and the flagged set is the poisoned set.
+    backdoor = checks["backdoor"]
+    assert backdoor["metrics"]["backdoor_detected"] == 1 and backdoor["metrics"]["target_class"] == 7
+    poisoned = np.load(tmp_path / "demo" / "inputs" / "train.npz")["poisoned"]
+    flagged = np.load(tmp_path / "demo" / "report" / "arrays" / "backdoor.npz")["flagged"]
+    assert poisoned[flagged].mean() >= 0.9 and poisoned[flagged].sum() >= 0.9 * poisoned.sum()
     assert (tmp_path / "demo" / "report" / "report.html").stat().st_size > 10_000

@@ -72,14 +72,14 @@ class LabelErrors(Check):
                 "label_errors.found", "medium",
                 f"{int(flagged.sum())} of {len(y)} training labels ({share:.1%}) are probably wrong (confident learning "
                 f"on {o.folds}-fold out-of-sample probabilities); the most suspicious are listed in the report.",
-                {"flagged": int(flagged.sum()), "share": share, "top": _positions(train, order[:20]).tolist()}))
+                {"flagged": int(flagged.sum()), "share": share, "top": train.positions(order[:20]).tolist()}))
         per_class = [int(flagged[y == c].sum()) for c in range(probs.shape[1])]
         shown = order[: o.examples_shown]
         details = {"estimator": o.estimator, "folds": o.folds, "embedding": space, "class_names": names,
                    "flagged_per_class": per_class,
                    "out_of_sample_accuracy": float((suggested == y).mean())}
-        arrays = {"train_index": _positions(train, np.arange(len(y))), "flagged": flagged, "label_quality": quality.astype(np.float32),
-                  "suggested_label": suggested, "example_index": _positions(train, shown),
+        arrays = {"train_index": train.positions(np.arange(len(y))), "flagged": flagged, "label_quality": quality.astype(np.float32),
+                  "suggested_label": suggested, "example_index": train.positions(shown),
                   "example_image": train.x[torch.as_tensor(shown, dtype=torch.long)].numpy(),
                   "example_label": y[shown], "example_suggested": suggested[shown],
                   "example_quality": quality[shown].astype(np.float32)}
@@ -111,10 +111,6 @@ def out_of_sample_probabilities(embedding: np.ndarray, y: np.ndarray, *, folds: 
     full = np.zeros((len(y), max(int(y.max()) + 1, probs.shape[1])))
     full[:, np.unique(y)] = probs
     return full
-
-
-def _positions(ds, idx: np.ndarray) -> np.ndarray:
-    return (ds.indices[idx] if ds.indices is not None else idx).astype(np.int64)
 
 
 def _cleanlab_available() -> bool:

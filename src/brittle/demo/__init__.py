@@ -23,6 +23,7 @@ seed = 0
 gates = [
   "accuracy.accuracy >= 0.9",
   "adversarial.robust_accuracy >= 0.5",
+  "backdoor.backdoor_detected == 0",
 ]
 
 [model]

@@ -49,6 +49,11 @@ class Dataset:
         base = self.indices if self.indices is not None else np.arange(len(self))
         return Dataset(self.x[t], None if self.y is None else self.y[t], self.source, self.class_names, base[idx])
 
+    def positions(self, idx: np.ndarray) -> np.ndarray:
+        """Positions in the source file of the rows `idx` (reports name examples by these)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return (self.indices[idx] if self.indices is not None else idx).astype(np.int64)
+
     def fingerprint(self) -> str:
         import hashlib
 

@@ -106,6 +106,41 @@ def _adversarial(r: CheckResult, audit: AuditResult) -> str:
     return "".join(out)
 
 
+@section_renderer("backdoor")
+def _backdoor(r: CheckResult, audit: AuditResult) -> str:
+    d, a = r.details, r.arrays
+    names = d.get("class_names") or []
+    label = lambda k: names[k] if k < len(names) else str(k)  # noqa: E731
+    out = [f'<p class="meta">Evidence per training example: its label persists under {d.get("overlays")} overlays '
+           "with held-out inputs of other classes (beyond what held-out examples of its class show) and it looks like "
+           "another class to a nearest-neighbour classifier fitted on held-out inputs. Counts per class are compared "
+           "across classes (median and MAD); a suspect class is confirmed by stamping the trigger reconstructed from "
+           "its flagged examples on held-out inputs.</p>"]
+    if d.get("suspicious_per_class"):
+        out += ["<h4>Persistent, disagreeing training examples per label</h4>",
+                bar_chart(names, {"count": d["suspicious_per_class"]}, title="suspicious examples per class")]
+    for t in d.get("targets", []):
+        out.append(f"<p>Target <b>{escape(label(t['target']))}</b>: {t['flagged']} flagged; the reconstructed trigger "
+                   f"flips {t['success_rate']:.0%} of held-out inputs (control {t['control_rate']:.0%}).</p>")
+    if "trigger" in a:
+        img = perturbation_image(a["trigger"])
+        if img is not None:
+            out += ["<h4>Reconstructed trigger (mean flagged example minus mean held-out input; amplified)</h4>",
+                    '<div class="examples">' + _img(img, "reconstructed trigger", scale=4) + "</div>"]
+    if "example_image" in a and len(a["example_image"]):
+        low, high = audit.run.get("bounds", [0.0, 1.0])
+        figs = []
+        for i in range(len(a["example_image"])):
+            img = to_display_image(a["example_image"][i], low, high)
+            if img is None:
+                break
+            figs.append(_img(img, f"train #{int(a['example_index'][i])}: labelled {label(int(a['example_label'][i]))}, "
+                                  f"looks like {label(int(a['example_looks_like'][i]))}"))
+        if figs:
+            out += ["<h4>Most suspicious training examples</h4>", '<div class="examples">' + "".join(figs) + "</div>"]
+    return "".join(out)
+
+
 @section_renderer("label_errors")
 def _label_errors(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays
