@@ -141,6 +141,59 @@ def _backdoor(r: CheckResult, audit: AuditResult) -> str:
     return "".join(out)
 
 
+@section_renderer("shortcuts")
+def _shortcuts(r: CheckResult, audit: AuditResult) -> str:
+    d, a = r.details, r.arrays
+    names = d.get("class_names") or []
+    out = [f'<p class="meta">Occlusion of {d.get("region_side")}x{d.get("region_side")} regions in training images, '
+           "per class; candidates are regions far more important to one class than to the others, tested by stamping "
+           "them on held-out inputs of other classes and by occluding them.</p>"]
+    rows = "".join(
+        f"<tr><td>{escape(names[c['class']] if c['class'] < len(names) else str(c['class']))}</td>"
+        f"<td>row {c['region'][0]}, col {c['region'][1]}</td><td>{c['z']:.0f}</td><td>{c['flip_rate']:.0%}</td>"
+        f"<td>{c['accuracy']:.0%} &rarr; {c['accuracy_occluded']:.0%}</td><td>{c['train_vs_heldout']:.2f}</td></tr>"
+        for c in d.get("candidates", []))
+    if rows:
+        out.append("<h4>Candidate regions</h4><table><tr><th>class</th><th>region</th><th>specificity z</th>"
+                   "<th>stamped: flips others</th><th>training accuracy, occluded</th><th>train vs held-out</th></tr>"
+                   f"{rows}</table>")
+    if "heatmap" in a:
+        figs = []
+        for c in sorted({c["class"] for c in d.get("candidates", [])}):
+            img = to_display_image(a["heatmap"][c] / max(float(np.abs(a["heatmap"][c]).max()), 1e-9))
+            if img is not None:
+                figs.append(_img(img, f"class {names[c] if c < len(names) else c}: occlusion importance", scale=4))
+        if figs:
+            out += ["<h4>Occlusion heat maps (bright: occluding it costs the class most)</h4>",
+                    '<div class="examples">' + "".join(figs) + "</div>"]
+    return "".join(out)
+
+
+@section_renderer("slices")
+def _slices(r: CheckResult, audit: AuditResult) -> str:
+    d, a = r.details, r.arrays
+    names = d.get("class_names") or []
+    label = lambda k: names[k] if k < len(names) else str(k)  # noqa: E731
+    out = []
+    rows = "".join(f"<tr><td>{escape(s['name'])}</td><td>{s['size']}</td><td>{s['accuracy']:.0%}</td>"
+                   f"<td>{s['reference']:.0%}</td></tr>" for s in d.get("slices", []))
+    if rows:
+        out.append("<h4>Slices (accuracy against the class, or overall for clusters)</h4><table><tr><th>slice</th>"
+                   f"<th>inputs</th><th>accuracy</th><th>reference</th></tr>{rows}</table>")
+    low, high = audit.run.get("bounds", [0.0, 1.0])
+    for k, s in enumerate(d.get("slices", [])[:4]):
+        figs = []
+        for i in range(len(a.get(f"slice{k}_image", []))):
+            img = to_display_image(a[f"slice{k}_image"][i], low, high)
+            if img is None:
+                break
+            figs.append(_img(img, f"#{int(a[f'slice{k}_index'][i])}: {label(int(a[f'slice{k}_label'][i]))} "
+                                  f"-> {label(int(a[f'slice{k}_pred'][i]))}"))
+        if figs:
+            out += [f"<h4>{escape(s['name'])}</h4>", '<div class="examples">' + "".join(figs) + "</div>"]
+    return "".join(out)
+
+
 @section_renderer("label_errors")
 def _label_errors(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays
