@@ -66,3 +66,29 @@ def test_the_users_arrays_are_not_modified():
     before = x_tr.copy(), y_tr.copy(), x_te.copy()
     _audit(x_tr, y_tr, x_te, y_te)
     assert np.array_equal(before[0], x_tr) and np.array_equal(before[1], y_tr) and np.array_equal(before[2], x_te)
+
+
+def test_training_set_checks_through_the_cli(tmp_path):
+    """The command a user runs: TorchScript + .npz files, --train-data, a gate on the backdoor, exit code 1."""
+    import json
+
+    from brittle.cli import main
+
+    x_tr, y_tr, poisoned, x_te, y_te = _digits(poison_share=1 / 3)
+    model = train_tiny(x_tr, y_tr, classes=10, steps=300)
+    torch.jit.script(model).save(str(tmp_path / "m.ts"))
+    np.savez(tmp_path / "train.npz", x=x_tr, y=y_tr)
+    np.savez(tmp_path / "test.npz", x=x_te, y=y_te)
+    (tmp_path / "audit.toml").write_text('gates = ["backdoor.backdoor_detected == 0"]\n')
+    code = main(["audit", "--model", str(tmp_path / "m.ts"), "--data", str(tmp_path / "test.npz"),
+                 "--train-data", str(tmp_path / "train.npz"), "--checks", "backdoor,label_errors,shortcuts,slices",
+                 "--config", str(tmp_path / "audit.toml"), "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 1  # the gate failed: a backdoor was found
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    statuses = {c["id"]: c["status"] for c in report["checks"]}
+    assert statuses["backdoor"] == "fail" and set(statuses) == {"backdoor", "label_errors", "shortcuts", "slices"}
+    assert "error" not in statuses.values()
+    flagged = np.load(tmp_path / "o" / "arrays" / "backdoor.npz")["flagged"]
+    assert poisoned[flagged].mean() >= 0.9
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert "Reconstructed trigger" in html and "Most suspicious training examples" in html

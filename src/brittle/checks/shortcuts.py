@@ -94,8 +94,10 @@ class Shortcuts(Check):
                     f"Class {names[c]} depends on a {side}x{side} region at row {regions[k][0]}, column {regions[k][1]}: "
                     f"stamping it from class-{names[c]} training images onto held-out inputs of other classes turns "
                     f"{t['flip_rate']:.0%} of them into {names[c]}; occluding it drops the class's training accuracy "
-                    f"from {t['accuracy']:.0%} to {t['accuracy_occluded']:.0%}. The region differs between training "
-                    f"and held-out images of the class by {t['train_vs_heldout']:.2f} (mean absolute pixel difference).",
+                    f"from {t['accuracy']:.0%} to {t['accuracy_occluded']:.0%}."
+                    + ("" if t["train_vs_heldout"] is None else
+                       f" The region differs between training and held-out images of the class by "
+                       f"{t['train_vs_heldout']:.2f} (mean absolute difference)."),
                     {"class": names[c], "region": t["region"], "flip_rate": t["flip_rate"],
                      "accuracy": t["accuracy"], "accuracy_occluded": t["accuracy_occluded"]}))
         found = [t for t in tested if t["flip_rate"] >= o.min_flip_rate]
@@ -122,7 +124,7 @@ class Shortcuts(Check):
         accuracy = float((model.logits(own, batch_size=1024).argmax(1) == c).double().mean())
         accuracy_occluded = float((model.logits(occluded, batch_size=1024).argmax(1) == c).double().mean())
         held = x_ref[torch.as_tensor(y_ref == c)]
-        shift = float((own[window].mean(0) - held[window].mean(0)).abs().mean()) if len(held) else float("nan")
+        shift = float((own[window].mean(0) - held[window].mean(0)).abs().mean()) if len(held) else None
         return {"flip_rate": flip_rate - base_rate, "accuracy": accuracy, "accuracy_occluded": accuracy_occluded,
                 "train_vs_heldout": shift}
 

@@ -151,7 +151,8 @@ def _shortcuts(r: CheckResult, audit: AuditResult) -> str:
     rows = "".join(
         f"<tr><td>{escape(names[c['class']] if c['class'] < len(names) else str(c['class']))}</td>"
         f"<td>row {c['region'][0]}, col {c['region'][1]}</td><td>{c['z']:.0f}</td><td>{c['flip_rate']:.0%}</td>"
-        f"<td>{c['accuracy']:.0%} &rarr; {c['accuracy_occluded']:.0%}</td><td>{c['train_vs_heldout']:.2f}</td></tr>"
+        f"<td>{c['accuracy']:.0%} &rarr; {c['accuracy_occluded']:.0%}</td>"
+        f"<td>{'-' if c['train_vs_heldout'] is None else format(c['train_vs_heldout'], '.2f')}</td></tr>"
         for c in d.get("candidates", []))
     if rows:
         out.append("<h4>Candidate regions</h4><table><tr><th>class</th><th>region</th><th>specificity z</th>"
