@@ -250,6 +250,14 @@ class ModelAdapter:
             handle.remove()
         return torch.cat(captured) if captured else None
 
+    def embedding(self, x: torch.Tensor, *, batch_size: int | None = None) -> tuple[torch.Tensor, str]:
+        """Penultimate features where they can be found, else the logits (a black box or TorchScript file has
+        only those); the second value says which, for reports."""
+        feats = self.features(x, batch_size=batch_size) if self.has_features else None
+        if feats is not None:
+            return feats, "penultimate features"
+        return self.logits(x, batch_size=batch_size), "logits"
+
     # ----- binding to data -------------------------------------------------------------------
     def bind(self, x_example: torch.Tensor, source: str = "data") -> None:
         """Run a two-sample forward to learn the output width and check the model accepts this input shape."""

@@ -57,7 +57,8 @@ class LabelErrors(Check):
         train = ctx.train_data
         y = train.y.numpy()
         ctx.progress.message(f"label_errors: out-of-sample probabilities for {len(y)} training examples ({o.folds}-fold)")
-        embedding, space = embed(ctx.model, train.x)
+        embedding, space = ctx.model.embedding(train.x)
+        embedding = embedding.numpy().astype(np.float64)
         probs = out_of_sample_probabilities(embedding, y, folds=o.folds, estimator=o.estimator,
                                             neighbours=o.neighbours, seed=ctx.seed)
         flagged = find_label_issues(y, probs)
@@ -85,14 +86,6 @@ class LabelErrors(Check):
                   "example_quality": quality[shown].astype(np.float32)}
         metrics = {"label_issue_share": share, "label_issues": int(flagged.sum())}
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
-
-
-def embed(model, x: torch.Tensor) -> tuple[np.ndarray, str]:
-    """Penultimate features where the model has a feature layer, else its logits (a black box has only those)."""
-    feats = model.features(x) if model.has_features else None
-    if feats is not None:
-        return feats.numpy().astype(np.float64), "penultimate features"
-    return model.logits(x).numpy().astype(np.float64), "logits"
 
 
 def out_of_sample_probabilities(embedding: np.ndarray, y: np.ndarray, *, folds: int, estimator: str, neighbours: int,

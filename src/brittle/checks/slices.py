@@ -37,16 +37,11 @@ class Slices(Check):
     Options = SliceOptions
     order = 30
 
-    def skip_reason(self, ctx: AuditContext) -> str | None:
-        reason = super().skip_reason(ctx)
-        if reason is None and not ctx.model.has_features:
-            return "needs the model's penultimate features (a module with a final Linear layer)"
-        return reason
-
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options
         x, y = ctx.data.x, ctx.data.y.numpy()
-        feats = ctx.model.features(x).numpy().astype(np.float64)
+        feats, space = ctx.model.embedding(x)
+        feats = feats.numpy().astype(np.float64)
         pred = ctx.model.predict(x).numpy()
         correct = pred == y
         z = (feats - feats.mean(0)) / (feats.std(0) + 1e-8)
@@ -75,7 +70,7 @@ class Slices(Check):
             s.pop("members")
         metrics = {"slices_found": len(slices), "worst_slice_accuracy": slices[0]["accuracy"] if slices else
                    float(correct.mean())}
-        details = {"class_names": names, "slices": slices[:10], "accuracy": float(correct.mean())}
+        details = {"class_names": names, "slices": slices[:10], "accuracy": float(correct.mean()), "embedding": space}
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
 
     def _directions(self, z, y, correct, seed) -> list[dict]:
