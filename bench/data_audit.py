@@ -119,13 +119,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "data_audit.json"))
     ap.add_argument("--skip-peers", action="store_true", help="only brittle (no ART, no cleanlab retraining)")
+    ap.add_argument("--only", choices=["backdoor", "label_errors"], help="run one part")
     args = ap.parse_args()
     torch.set_num_threads(2)
     results: dict = {"backdoor": {}, "label_errors": {}}
     cases = [(f"{kind}, {name}", lambda kind=kind, share=share: planted.backdoor(kind, share))
              for kind in planted.TRIGGER_KINDS for name, share in (("a third of class 7", 1 / 3), ("5% of class 7", 0.05))]
     cases += [(f"clean, seed {s}", lambda s=s: planted.clean(s)) for s in range(3)]
-    for name, make in cases:
+    for name, make in cases if args.only != "label_errors" else []:
         p = make()
         model = trained(name.replace(" ", "_").replace(",", "").replace("%", "pct"), p.x_train, p.y_train,
                         seed=int(name[-1]) if name.startswith("clean") else 0)
@@ -137,7 +138,7 @@ def main() -> int:
         print(f"== backdoor: {name}", flush=True)
         for k, v in row.items():
             print(f"  {k} {json.dumps(v)}", flush=True)
-    for rate in (0.05, 0.10):
+    for rate in (0.05, 0.10) if args.only != "backdoor" else ():
         p = planted.label_flips(rate)
         model = trained(f"flips{rate}", p.x_train, p.y_train)
         row = {"brittle": run_brittle_labels(model, p)}

@@ -4,7 +4,8 @@ What users most often get wrong is the probabilities: the audited model has fitt
 wrong ones included, so its in-sample softmax hides the errors. Here every training example is scored by a
 cheap model that never saw it: K-fold k-nearest-neighbours on the audited model's penultimate features
 (standardised; the model's logits where it has no feature layer). The features come from one forward pass;
-the K fits take seconds. cleanlab's `find_label_issues` then flags, and its self-confidence ranks.
+the K fits take seconds. cleanlab's `find_label_issues` then flags (plus the examples whose label gets
+almost no out-of-sample probability), and self-confidence ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class LabelErrorOptions(CheckOptions):
     folds: int = Field(5, ge=2, le=50, description="K of the K-fold out-of-sample probabilities")
     estimator: Literal["knn", "logistic"] = Field("knn", description="the cheap model fitted on the features")
     neighbours: int = Field(25, ge=1, description="k of the k-nearest-neighbours estimator")
+    min_label_support: float = Field(0.1, ge=0, le=1, description="also flag examples whose given label gets less "
+                                     "than this out-of-sample probability")
     max_share: float = Field(0.01, ge=0, le=1, description="a flagged share above this is a finding")
     examples_shown: int = Field(16, ge=0, le=64)
 
@@ -61,8 +64,10 @@ class LabelErrors(Check):
         embedding = embedding.numpy().astype(np.float64)
         probs = out_of_sample_probabilities(embedding, y, folds=o.folds, estimator=o.estimator,
                                             neighbours=o.neighbours, seed=ctx.seed)
-        flagged = find_label_issues(y, probs)
         quality = probs[np.arange(len(y)), y]  # self-confidence: cleanlab's default label quality score
+        # cleanlab prunes an estimated number per class and can stop short of examples whose label no
+        # out-of-sample neighbour shares; on MNIST those were most of its misses.
+        flagged = find_label_issues(y, probs) | (quality < o.min_label_support)
         suggested = probs.argmax(1)
         share = float(flagged.mean())
         order = np.flatnonzero(flagged)[np.argsort(quality[flagged], kind="stable")]
