@@ -118,7 +118,8 @@ def _backdoor(r: CheckResult, audit: AuditResult) -> str:
            "its flagged examples on held-out inputs.</p>"]
     if d.get("suspicious_per_class"):
         out += ["<h4>Persistent, disagreeing training examples per label</h4>",
-                bar_chart(names, {"count": d["suspicious_per_class"]}, title="suspicious examples per class")]
+                bar_chart(names, {"count": d["suspicious_per_class"]}, ymax=_count_axis(d["suspicious_per_class"]),
+                          title="suspicious examples per class")]
     for t in d.get("targets", []):
         out.append(f"<p>Target <b>{escape(label(t['target']))}</b>: {t['flagged']} flagged; the reconstructed trigger "
                    f"flips {t['success_rate']:.0%} of held-out inputs (control {t['control_rate']:.0%}).</p>")
@@ -204,6 +205,7 @@ def _label_errors(r: CheckResult, audit: AuditResult) -> str:
     names = d.get("class_names") or []
     if d.get("flagged_per_class"):
         out += ["<h4>Flagged labels per given class</h4>", bar_chart(names, {"flagged": d["flagged_per_class"]},
+                                                                     ymax=_count_axis(d["flagged_per_class"]),
                                                                      title="flagged labels per class")]
     if "example_image" in a and len(a["example_image"]):
         low, high = audit.run.get("bounds", [0.0, 1.0])
@@ -227,6 +229,12 @@ def _model(r: CheckResult, audit: AuditResult) -> str:
     d = r.details
     rows = "".join(f"<tr><th>{escape(k.replace('_', ' '))}</th><td>{escape(str(v))}</td></tr>" for k, v in d.items())
     return f'<table class="kv">{rows}</table>' if rows else ""
+
+
+def _count_axis(counts) -> float:
+    """A y-axis top for counts: the largest, rounded up to an even number (so the mid tick is whole)."""
+    top = max([int(c) for c in counts] + [1])
+    return float(top + top % 2)
 
 
 def _has(audit: AuditResult, cid: str) -> bool:
