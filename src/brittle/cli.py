@@ -22,18 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("audit", help="run checks on a model and data, write report.json/html and junit.xml")
-    a.add_argument("--model", required=True,
-                   help="TorchScript file, torch.export .pt2, .onnx, or package.module:factory (with --weights)")
-    a.add_argument("--weights", help="state dict (.pt, read with weights_only=True) or .safetensors for a factory")
-    a.add_argument("--factory-kwargs", help="JSON object of keyword arguments for the factory")
-    a.add_argument("--data", required=True, help=".npz (x, y), .pt, .csv (with --label-column) or an image folder")
+    _model_and_data(a)
     a.add_argument("--train-data", help="the training set, for checks that need it")
-    a.add_argument("--config", help="audit.toml: checks, options, gates, model bounds and normalisation")
     a.add_argument("--checks", help="comma-separated check ids to run (default: all); see `brittle checks`")
-    a.add_argument("--label-column", help="label column of CSV data")
-    a.add_argument("--bounds", help="input bounds 'low,high' (default 0,1)")
-    a.add_argument("--mean", help="per-channel normalisation mean, e.g. 0.4914,0.4822,0.4465 (applied inside the model)")
-    a.add_argument("--std", help="per-channel normalisation std")
     a.add_argument("--seed", type=int, help="run seed (default 0)")
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out")
@@ -54,7 +45,26 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("checks", help="list the available checks, their needs and gateable metrics")
     _common(c)
+
+    k = sub.add_parser("calibrate", help="fit a temperature on labelled held-out data and write the scaled model "
+                                         "(TorchScript)")
+    _model_and_data(k)
+    k.add_argument("--out", required=True, help="the calibrated model file to write (TorchScript, e.g. calibrated.ts)")
+    _common(k)
     return p
+
+
+def _model_and_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="TorchScript file, torch.export .pt2, .onnx, or package.module:factory (with --weights)")
+    p.add_argument("--weights", help="state dict (.pt, read with weights_only=True) or .safetensors for a factory")
+    p.add_argument("--factory-kwargs", help="JSON object of keyword arguments for the factory")
+    p.add_argument("--data", required=True, help=".npz (x, y), .pt, .csv (with --label-column) or an image folder")
+    p.add_argument("--config", help="audit.toml: checks, options, gates, model bounds and normalisation")
+    p.add_argument("--label-column", help="label column of CSV data")
+    p.add_argument("--bounds", help="input bounds 'low,high' (default 0,1)")
+    p.add_argument("--mean", help="per-channel normalisation mean, e.g. 0.4914,0.4822,0.4465 (applied inside the model)")
+    p.add_argument("--std", help="per-channel normalisation std")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -88,9 +98,9 @@ def _config_from_args(args):
     else:
         model["path"], model["factory"] = args.model, None
     update = {"model": ModelSpec(**model)}
-    if args.checks:
+    if getattr(args, "checks", None):
         update["checks"] = [c.strip() for c in args.checks.split(",") if c.strip()]
-    if args.seed is not None:
+    if getattr(args, "seed", None) is not None:
         update["seed"] = args.seed
     if args.label_column:
         update["data"] = cfg.data.model_copy(update={"label_column": args.label_column})
@@ -133,6 +143,17 @@ def _cmd_demo(args, progress: Progress) -> int:
     return EXIT_INTERNAL if result.verdict == "error" else EXIT_PASS
 
 
+def _cmd_calibrate(args, progress: Progress) -> int:
+    from .calibrate import calibrate
+
+    fit = calibrate(None, args.data, args.out, config=_config_from_args(args))
+    if not args.quiet:
+        print(f"temperature {fit.temperature:.4f} fitted on {fit.n} examples of {args.data}: ECE {fit.ece_before:.4f} -> "
+              f"{fit.ece_after:.4f}, NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}\nwrote {fit.path} (audit it on "
+              "other data than it was fitted on)")
+    return EXIT_PASS
+
+
 def _cmd_checks(args, progress: Progress) -> int:
     from .checks import REGISTRY, available_checks
 
@@ -149,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     # Only the CLI decides what reaches the terminal; torch's deprecation notes are not the user's problem.
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    handlers = {"audit": _cmd_audit, "report": _cmd_report, "demo": _cmd_demo, "checks": _cmd_checks}
+    handlers = {"audit": _cmd_audit, "report": _cmd_report, "demo": _cmd_demo, "checks": _cmd_checks,
+                "calibrate": _cmd_calibrate}
     try:
         return handlers[args.command](args, progress)
     except BrittleError as exc:

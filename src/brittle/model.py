@@ -148,6 +148,10 @@ class ModelAdapter:
         return self._feature_layer is not None
 
     # ----- the forward paths ----------------------------------------------------------------
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs as the wrapped module sees them (after the adapter's mean/std, if any)."""
+        return self._normalise(x)
+
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         d = self._domain
         if d.mean is None:

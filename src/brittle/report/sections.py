@@ -196,6 +196,26 @@ def _slices(r: CheckResult, audit: AuditResult) -> str:
     return "".join(out)
 
 
+@section_renderer("calibration")
+def _calibration(r: CheckResult, audit: AuditResult) -> str:
+    d = r.details
+    rel, after = d.get("reliability") or {}, d.get("reliability_after_scaling") or {}
+    if not rel.get("confidence"):
+        return ""
+    series = {"model": rel["accuracy"]}
+    out = [f'<p class="meta">Mean confidence {d.get("mean_confidence", 0):.1%}, accuracy {d.get("accuracy", 0):.1%}. '
+           f"Temperature scaling (T = {r.metrics.get('temperature', 1):.2f}, 2-fold cross-fitted) gives ECE "
+           f"{r.metrics.get('ece_after_scaling', 0):.3f} (from {r.metrics.get('ece', 0):.3f}).</p>",
+           "<h4>Reliability diagram (accuracy per confidence bin; the diagonal is perfect calibration)</h4>",
+           line_chart(rel["confidence"], {**series, "perfect": rel["confidence"]}, xlabel="confidence",
+                      title="reliability diagram")]
+    if after.get("confidence"):
+        out += ["<h4>After temperature scaling</h4>",
+                line_chart(after["confidence"], {"scaled": after["accuracy"], "perfect": after["confidence"]},
+                           xlabel="confidence", title="reliability after temperature scaling")]
+    return "".join(out)
+
+
 @section_renderer("label_errors")
 def _label_errors(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays
