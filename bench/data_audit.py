@@ -8,6 +8,8 @@ MNIST-5k (4,000 train / 1,000 held out, seed-0 shuffle), the demo CNN trained 4 
   from other classes relabelled 7, making up a third or 5% of class 7; plus clean sets (seeds 0-2).
   brittle `backdoor` vs ART's ActivationDefence (2-means on PCA-10 of what its PyTorch wrapper gives:
   the logits) and SpectralSignatureDefense (defaults, expected_pp_poison 0.33).
+- Shortcuts: a 2x2 white mark in the top-left corner of 90% of class 3's training images, absent at test,
+  and a clean set; brittle `shortcuts` only (no peer does this).
 - Label errors: 5% and 10% of labels flipped at random. brittle `label_errors` (K-fold kNN on the model's
   features: no retraining) vs cleanlab's default `find_label_issues` on 5-fold out-of-sample probabilities
   from retraining the CNN 5 times (cleanlab's recommended recipe; its cost is the K trainings).
@@ -91,6 +93,15 @@ def run_art(model, p: planted.Planted, which: str) -> dict:
     return out
 
 
+def run_brittle_shortcuts(model, p: planted.Planted) -> dict:
+    t0 = time.perf_counter()
+    r = brittle.audit(model, (p.x_test, p.y_test), train_data=(p.x_train, p.y_train), checks=["shortcuts"])["shortcuts"]
+    found = [c for c in r.details["candidates"] if any(f.evidence["region"] == c["region"] for f in r.findings)]
+    return {"found": found, "largest_flip_rate_not_found": max(
+        [c["flip_rate"] for c in r.details["candidates"] if c not in found], default=0.0),
+        "seconds": time.perf_counter() - t0}
+
+
 def run_brittle_labels(model, p: planted.Planted) -> dict:
     t0 = time.perf_counter()
     r = brittle.audit(model, (p.x_test, p.y_test), train_data=(p.x_train, p.y_train),
@@ -119,14 +130,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "data_audit.json"))
     ap.add_argument("--skip-peers", action="store_true", help="only brittle (no ART, no cleanlab retraining)")
-    ap.add_argument("--only", choices=["backdoor", "label_errors"], help="run one part")
+    ap.add_argument("--only", choices=["backdoor", "label_errors", "shortcuts"], help="run one part")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    results: dict = {"backdoor": {}, "label_errors": {}}
+    results: dict = {"backdoor": {}, "label_errors": {}, "shortcuts": {}}
     cases = [(f"{kind}, {name}", lambda kind=kind, share=share: planted.backdoor(kind, share))
              for kind in planted.TRIGGER_KINDS for name, share in (("a third of class 7", 1 / 3), ("5% of class 7", 0.05))]
     cases += [(f"clean, seed {s}", lambda s=s: planted.clean(s)) for s in range(3)]
-    for name, make in cases if args.only != "label_errors" else []:
+    for name, make in cases if args.only in (None, "backdoor") else []:
         p = make()
         model = trained(name.replace(" ", "_").replace(",", "").replace("%", "pct"), p.x_train, p.y_train,
                         seed=int(name[-1]) if name.startswith("clean") else 0)
@@ -138,7 +149,7 @@ def main() -> int:
         print(f"== backdoor: {name}", flush=True)
         for k, v in row.items():
             print(f"  {k} {json.dumps(v)}", flush=True)
-    for rate in (0.05, 0.10) if args.only != "backdoor" else ():
+    for rate in (0.05, 0.10) if args.only in (None, "label_errors") else ():
         p = planted.label_flips(rate)
         model = trained(f"flips{rate}", p.x_train, p.y_train)
         row = {"brittle": run_brittle_labels(model, p)}
@@ -148,6 +159,12 @@ def main() -> int:
         print(f"== label errors: {rate:.0%} flipped", flush=True)
         for k, v in row.items():
             print(f"  {k} {json.dumps(v)}", flush=True)
+    for name, make in ((("marker on 90% of class 3", planted.shortcut), ("clean, seed 0", planted.clean))
+                       if args.only in (None, "shortcuts") else ()):
+        p = make()
+        model = trained("shortcut" if name.startswith("marker") else "clean_seed_0", p.x_train, p.y_train)
+        results["shortcuts"][name] = row = run_brittle_shortcuts(model, p)
+        print(f"== shortcuts: {name}\n  brittle {json.dumps(row)}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
