@@ -52,7 +52,7 @@ class BackdoorOptions(CheckOptions):
 class Backdoor(Check):
     id = "backdoor"
     title = "Backdoors and poisoned training examples"
-    needs = Needs(labels=True, train_data=True)
+    needs = Needs(labels=True, train_data=True, train_labels=True)
     metrics = ("backdoor_detected", "flagged", "flagged_share", "target_class", "trigger_success_rate")
     Options = BackdoorOptions
     order = 35
@@ -61,8 +61,6 @@ class Backdoor(Check):
         reason = super().skip_reason(ctx)
         if reason is not None:
             return reason
-        if ctx.train_data.y is None:
-            return "needs labels in the training set"
         if len(ctx.data) < 50:
             return f"needs at least 50 held-out (audit) examples as the clean reference; got {len(ctx.data)}"
         return None

@@ -45,6 +45,7 @@ class Needs:
     gradients: bool = False
     labels: bool = True
     train_data: bool = False
+    train_labels: bool = False  # labels in the training set
 
 
 class CheckState:
@@ -144,6 +145,8 @@ class Check(ABC):
             return "needs labels, and the data has none"
         if self.needs.train_data and ctx.train_data is None:
             return "needs the training set: pass --train-data"
+        if self.needs.train_labels and (ctx.train_data is None or ctx.train_data.y is None):
+            return "needs labels in the training set"
         if self.needs.gradients and not ctx.model.differentiable:
             return f"needs input gradients, and {ctx.model.name} is a black-box model"
         return None

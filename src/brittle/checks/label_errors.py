@@ -35,7 +35,7 @@ class LabelErrorOptions(CheckOptions):
 class LabelErrors(Check):
     id = "label_errors"
     title = "Label errors in the training set"
-    needs = Needs(labels=False, train_data=True)
+    needs = Needs(labels=False, train_data=True, train_labels=True)
     metrics = ("label_issue_share", "label_issues")
     Options = LabelErrorOptions
     order = 40
@@ -44,8 +44,6 @@ class LabelErrors(Check):
         reason = super().skip_reason(ctx)
         if reason is not None:
             return reason
-        if ctx.train_data.y is None:
-            return "needs labels in the training set"
         if not _cleanlab_available():
             return f"needs cleanlab and scikit-learn: {INSTALL}"
         counts = np.bincount(ctx.train_data.y.numpy())

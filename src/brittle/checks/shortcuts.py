@@ -33,7 +33,7 @@ class ShortcutOptions(CheckOptions):
 class Shortcuts(Check):
     id = "shortcuts"
     title = "Shortcut features"
-    needs = Needs(labels=True, train_data=True)
+    needs = Needs(labels=True, train_data=True, train_labels=True)
     metrics = ("shortcuts_found", "worst_accuracy_drop")
     Options = ShortcutOptions
     order = 45
@@ -42,8 +42,6 @@ class Shortcuts(Check):
         reason = super().skip_reason(ctx)
         if reason is not None:
             return reason
-        if ctx.train_data.y is None:
-            return "needs labels in the training set"
         if ctx.data.x.dim() != 4:
             return "needs image inputs (N, C, H, W); occlusion has no meaning for other layouts"
         return None

@@ -36,6 +36,22 @@ def _img(arr: np.ndarray | None, caption: str, scale: int = 3) -> str:
             f"<figcaption>{escape(caption)}</figcaption></figure>")
 
 
+def _gallery(heading: str, images, captions, audit: AuditResult) -> list[str]:
+    """A heading and a row of input images with captions; nothing when the inputs are not images."""
+    low, high = audit.run.get("bounds", [0.0, 1.0])
+    figs = []
+    for img, caption in zip(images, captions):
+        shown = to_display_image(img, low, high)
+        if shown is None:
+            return []
+        figs.append(_img(shown, caption))
+    return [f"<h4>{escape(heading)}</h4>", '<div class="examples">' + "".join(figs) + "</div>"] if figs else []
+
+
+def _class_label(names: list[str]):
+    return lambda k: names[k] if 0 <= k < len(names) else str(k)
+
+
 @section_renderer("accuracy")
 def _accuracy(r: CheckResult, audit: AuditResult) -> str:
     d = r.details
@@ -110,7 +126,7 @@ def _adversarial(r: CheckResult, audit: AuditResult) -> str:
 def _backdoor(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays
     names = d.get("class_names") or []
-    label = lambda k: names[k] if k < len(names) else str(k)  # noqa: E731
+    label = _class_label(names)
     out = [f'<p class="meta">Evidence per training example: its label persists under {d.get("overlays")} overlays '
            "with held-out inputs of other classes (beyond what held-out examples of its class show) and it looks like "
            "another class to a nearest-neighbour classifier fitted on held-out inputs. Counts per class are compared "
@@ -128,17 +144,10 @@ def _backdoor(r: CheckResult, audit: AuditResult) -> str:
         if img is not None:
             out += ["<h4>Reconstructed trigger (mean flagged example minus mean held-out input; amplified)</h4>",
                     '<div class="examples">' + _img(img, "reconstructed trigger", scale=4) + "</div>"]
-    if "example_image" in a and len(a["example_image"]):
-        low, high = audit.run.get("bounds", [0.0, 1.0])
-        figs = []
-        for i in range(len(a["example_image"])):
-            img = to_display_image(a["example_image"][i], low, high)
-            if img is None:
-                break
-            figs.append(_img(img, f"train #{int(a['example_index'][i])}: labelled {label(int(a['example_label'][i]))}, "
-                                  f"looks like {label(int(a['example_looks_like'][i]))}"))
-        if figs:
-            out += ["<h4>Most suspicious training examples</h4>", '<div class="examples">' + "".join(figs) + "</div>"]
+    if "example_image" in a:
+        out += _gallery("Most suspicious training examples", a["example_image"],
+                        [f"train #{int(i)}: labelled {label(int(lab))}, looks like {label(int(like))}" for i, lab, like
+                         in zip(a["example_index"], a["example_label"], a["example_looks_like"])], audit)
     return "".join(out)
 
 
@@ -175,24 +184,18 @@ def _shortcuts(r: CheckResult, audit: AuditResult) -> str:
 def _slices(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays
     names = d.get("class_names") or []
-    label = lambda k: names[k] if k < len(names) else str(k)  # noqa: E731
+    label = _class_label(names)
     out = []
     rows = "".join(f"<tr><td>{escape(s['name'])}</td><td>{s['size']}</td><td>{s['accuracy']:.0%}</td>"
                    f"<td>{s['reference']:.0%}</td></tr>" for s in d.get("slices", []))
     if rows:
         out.append("<h4>Slices (accuracy against the class, or overall for clusters)</h4><table><tr><th>slice</th>"
                    f"<th>inputs</th><th>accuracy</th><th>reference</th></tr>{rows}</table>")
-    low, high = audit.run.get("bounds", [0.0, 1.0])
-    for k, s in enumerate(d.get("slices", [])[:4]):
-        figs = []
-        for i in range(len(a.get(f"slice{k}_image", []))):
-            img = to_display_image(a[f"slice{k}_image"][i], low, high)
-            if img is None:
-                break
-            figs.append(_img(img, f"#{int(a[f'slice{k}_index'][i])}: {label(int(a[f'slice{k}_label'][i]))} "
-                                  f"-> {label(int(a[f'slice{k}_pred'][i]))}"))
-        if figs:
-            out += [f"<h4>{escape(s['name'])}</h4>", '<div class="examples">' + "".join(figs) + "</div>"]
+    for k, sl in enumerate(d.get("slices", [])[:4]):
+        if f"slice{k}_image" in a:
+            out += _gallery(sl["name"], a[f"slice{k}_image"],
+                            [f"#{int(i)}: {label(int(t))} -> {label(int(p))}" for i, t, p in
+                             zip(a[f"slice{k}_index"], a[f"slice{k}_label"], a[f"slice{k}_pred"])], audit)
     return "".join(out)
 
 
@@ -227,20 +230,12 @@ def _label_errors(r: CheckResult, audit: AuditResult) -> str:
         out += ["<h4>Flagged labels per given class</h4>", bar_chart(names, {"flagged": d["flagged_per_class"]},
                                                                      ymax=_count_axis(d["flagged_per_class"]),
                                                                      title="flagged labels per class")]
-    if "example_image" in a and len(a["example_image"]):
-        low, high = audit.run.get("bounds", [0.0, 1.0])
-        figs = []
-        for i in range(len(a["example_image"])):
-            img = to_display_image(a["example_image"][i], low, high)
-            if img is None:
-                break
-            given, sug = int(a["example_label"][i]), int(a["example_suggested"][i])
-            label = lambda k: names[k] if k < len(names) else str(k)  # noqa: E731
-            figs.append(_img(img, f"train #{int(a['example_index'][i])}: labelled {label(given)}, "
-                                  f"looks like {label(sug)} ({float(a['example_quality'][i]):.2f})"))
-        if figs:
-            out += ["<h4>Most suspicious labels (self-confidence in brackets)</h4>",
-                    '<div class="examples">' + "".join(figs) + "</div>"]
+    if "example_image" in a:
+        label = _class_label(names)
+        out += _gallery("Most suspicious labels (self-confidence in brackets)", a["example_image"],
+                        [f"train #{int(i)}: labelled {label(int(g))}, looks like {label(int(sug))} ({float(q):.2f})"
+                         for i, g, sug, q in zip(a["example_index"], a["example_label"], a["example_suggested"],
+                                                 a["example_quality"])], audit)
     return "".join(out)
 
 
