@@ -153,9 +153,11 @@ class Backdoor(Check):
         ones look like (their content without the trigger): only a shared trigger makes the first flip more.
         """
         pool = x_ref[torch.as_tensor(y_ref != t)]
+        idx = np.flatnonzero(members)
+        if len(pool) == 0 or len(idx) == 0:
+            return {"success_rate": 0.0, "control_rate": 0.0, "gain": 0.0, "trigger": np.zeros(tuple(x_tr.shape[1:]))}
         base = pool.mean(0)
         lo, hi = model.bounds
-        idx = np.flatnonzero(members)
         trigger = x_tr[torch.as_tensor(idx)].mean(0) - base
         control_idx = []
         for i in idx:
