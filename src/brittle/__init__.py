@@ -12,8 +12,11 @@ from .loading import Dataset, ModelSpec, load_data, load_model
 from .model import ModelAdapter
 from .result import AuditResult, CheckResult, Finding
 from .runner import audit
+from .calibrate import calibrate
+from .drift import monitor
 
 __all__ = [
     "AuditConfig", "AuditResult", "BrittleError", "CheckResult", "Dataset", "Finding", "InputError", "ModelAdapter",
-    "ModelSpec", "SCHEMA_VERSION", "UsageError", "__version__", "audit", "load_config", "load_data", "load_model",
+    "ModelSpec", "SCHEMA_VERSION", "UsageError", "__version__", "audit", "calibrate", "load_config", "load_data",
+    "load_model", "monitor",
 ]

@@ -51,6 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     _model_and_data(k)
     k.add_argument("--out", required=True, help="the calibrated model file to write (TorchScript, e.g. calibrated.ts)")
     _common(k)
+
+    m = sub.add_parser("monitor", help="two-sample drift tests of a new batch against reference data (exit 1: drift)")
+    m.add_argument("--model", required=True, help="as for audit")
+    m.add_argument("--weights", help="state dict or .safetensors for a factory")
+    m.add_argument("--factory-kwargs", help="JSON object of keyword arguments for the factory")
+    m.add_argument("--reference", required=True, help="data the model was validated on (labels not needed)")
+    m.add_argument("--batch", required=True, help="the new inputs")
+    m.add_argument("--config", help="audit.toml, for [model] bounds and normalisation")
+    m.add_argument("--label-column", help="label column of CSV data")
+    m.add_argument("--bounds", help="input bounds 'low,high' (default 0,1)")
+    m.add_argument("--mean", help="per-channel normalisation mean")
+    m.add_argument("--std", help="per-channel normalisation std")
+    m.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of the alert (default 0.05)")
+    m.add_argument("--out", help="write the result as JSON here (it is printed too)")
+    _common(m)
     return p
 
 
@@ -154,6 +169,20 @@ def _cmd_calibrate(args, progress: Progress) -> int:
     return EXIT_PASS
 
 
+def _cmd_monitor(args, progress: Progress) -> int:
+    from .drift import monitor
+
+    result = monitor(None, args.reference, args.batch, alpha=args.alpha, config=_config_from_args(args))
+    text = json.dumps(result.to_json(), indent=2)
+    if args.out:
+        from ._atomic import write_text
+
+        write_text(Path(args.out), text)
+    if not args.quiet:
+        print(text)
+    return EXIT_GATE_FAILED if result.drift else EXIT_PASS
+
+
 def _cmd_checks(args, progress: Progress) -> int:
     from .checks import REGISTRY, available_checks
 
@@ -171,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     handlers = {"audit": _cmd_audit, "report": _cmd_report, "demo": _cmd_demo, "checks": _cmd_checks,
-                "calibrate": _cmd_calibrate}
+                "calibrate": _cmd_calibrate, "monitor": _cmd_monitor}
     try:
         return handlers[args.command](args, progress)
     except BrittleError as exc:

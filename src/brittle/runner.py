@@ -133,10 +133,13 @@ def prepare_data(data, adapter: ModelAdapter, cfg: AuditConfig, *, role: str, su
         ds = Dataset(data.x, data.y, data.source, data.class_names, data.indices)  # never mutate the caller's
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         ds = Dataset.from_arrays(data[0], data[1])
+    elif isinstance(data, (np.ndarray, torch.Tensor)):
+        ds = Dataset.from_arrays(data)  # inputs without labels
     elif isinstance(data, (str, Path)):
         ds = load_data(data, label_column=cfg.data.label_column)
     else:
-        raise UsageError(f"{role} must be a Dataset, an (x, y) pair or a path; got {type(data).__name__}.")
+        raise UsageError(f"{role} must be a Dataset, an (x, y) pair, an array of inputs or a path; got "
+                         f"{type(data).__name__}.")
     if adapter.num_classes is None:
         adapter.bind(ds.x, source=ds.source)
     elif tuple(ds.x.shape[1:]) != adapter.input_shape:
