@@ -37,6 +37,14 @@ class Slices(Check):
     Options = SliceOptions
     order = 30
 
+    def skip_reason(self, ctx: AuditContext) -> str | None:
+        from importlib.util import find_spec
+
+        reason = super().skip_reason(ctx)
+        if reason is None and find_spec("sklearn") is None:
+            return "needs scikit-learn: pip install 'brittle[data]' (with -c constraints.txt in this environment)"
+        return reason
+
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options
         x, y = ctx.data.x, ctx.data.y.numpy()
