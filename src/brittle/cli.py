@@ -53,16 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     _common(k)
 
     m = sub.add_parser("monitor", help="two-sample drift tests of a new batch against reference data (exit 1: drift)")
-    m.add_argument("--model", required=True, help="as for audit")
-    m.add_argument("--weights", help="state dict or .safetensors for a factory")
-    m.add_argument("--factory-kwargs", help="JSON object of keyword arguments for the factory")
+    _model_args(m)
     m.add_argument("--reference", required=True, help="data the model was validated on (labels not needed)")
     m.add_argument("--batch", required=True, help="the new inputs")
-    m.add_argument("--config", help="audit.toml, for [model] bounds and normalisation")
-    m.add_argument("--label-column", help="label column of CSV data")
-    m.add_argument("--bounds", help="input bounds 'low,high' (default 0,1)")
-    m.add_argument("--mean", help="per-channel normalisation mean")
-    m.add_argument("--std", help="per-channel normalisation std")
     m.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of the alert (default 0.05)")
     m.add_argument("--out", help="write the result as JSON here (it is printed too)")
     _common(m)
@@ -70,11 +63,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_and_data(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--data", required=True, help=".npz (x, y), .pt, .csv (with --label-column) or an image folder")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="TorchScript file, torch.export .pt2, .onnx, or package.module:factory (with --weights)")
     p.add_argument("--weights", help="state dict (.pt, read with weights_only=True) or .safetensors for a factory")
     p.add_argument("--factory-kwargs", help="JSON object of keyword arguments for the factory")
-    p.add_argument("--data", required=True, help=".npz (x, y), .pt, .csv (with --label-column) or an image folder")
     p.add_argument("--config", help="audit.toml: checks, options, gates, model bounds and normalisation")
     p.add_argument("--label-column", help="label column of CSV data")
     p.add_argument("--bounds", help="input bounds 'low,high' (default 0,1)")
