@@ -88,11 +88,10 @@ def monitor(model, reference, batch, *, alpha: float = 0.05, permutations: int =
     g = np.random.default_rng(seed)
     ref_idx = np.sort(g.choice(len(ref), size=min(max_reference, len(ref)), replace=False))
     x_ref = ref.x[torch.as_tensor(ref_idx)]
-    p_ref = torch.softmax(adapter.logits(x_ref), 1).numpy()
-    p_new = torch.softmax(adapter.logits(new.x), 1).numpy()
+    logits_ref, e_ref, space = adapter.logits_and_embedding(x_ref)
+    logits_new, e_new, _ = adapter.logits_and_embedding(new.x)
+    p_ref, p_new = torch.softmax(logits_ref, 1).numpy(), torch.softmax(logits_new, 1).numpy()
     ks = [ks_2samp(p_ref[:, c], p_new[:, c])[1] for c in range(p_ref.shape[1])]
-    e_ref, space = adapter.embedding(x_ref)
-    e_new, _ = adapter.embedding(new.x)
     mmd, mmd_p = mmd_permutation_test(e_ref.numpy(), e_new.numpy(), permutations=permutations, seed=seed)
     half = alpha / 2.0
     drift = min(ks) < half / len(ks) or mmd_p < half

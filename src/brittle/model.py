@@ -243,24 +243,25 @@ class ModelAdapter:
 
     def features(self, x: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor | None:
         """Penultimate features (the input of the last Linear layer), or None when they cannot be found."""
-        layer = self._feature_layer
-        if layer is None:
-            return None
-        captured: list[torch.Tensor] = []
-        handle = layer.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0].detach().flatten(1)))
-        try:
-            self.logits(x, batch_size=batch_size)
-        finally:
-            handle.remove()
-        return torch.cat(captured) if captured else None
+        _, embedding, kind = self.logits_and_embedding(x, batch_size=batch_size)
+        return embedding if kind == "penultimate features" else None
 
-    def embedding(self, x: torch.Tensor, *, batch_size: int | None = None) -> tuple[torch.Tensor, str]:
-        """Penultimate features where they can be found, else the logits (a black box or TorchScript file has
-        only those); the second value says which, for reports."""
-        feats = self.features(x, batch_size=batch_size) if self.has_features else None
-        if feats is not None:
-            return feats, "penultimate features"
-        return self.logits(x, batch_size=batch_size), "logits"
+    def logits_and_embedding(self, x: torch.Tensor, *, batch_size: int | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Logits and, from the same forward pass, the penultimate features where they can be found, else the
+        logits again (a black box or a TorchScript file has only those); the string says which, for reports."""
+        layer = self._feature_layer
+        captured: list[torch.Tensor] = []
+        handle = None if layer is None else layer.register_forward_pre_hook(
+            lambda _m, inp: captured.append(inp[0].detach().flatten(1)))
+        try:
+            logits = self.logits(x, batch_size=batch_size)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if captured:
+            return logits, torch.cat(captured), "penultimate features"
+        return logits, logits, "logits"
 
     # ----- binding to data -------------------------------------------------------------------
     def bind(self, x_example: torch.Tensor, source: str = "data") -> None:

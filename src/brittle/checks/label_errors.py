@@ -58,7 +58,7 @@ class LabelErrors(Check):
         train = ctx.train_data
         y = train.y.numpy()
         ctx.progress.message(f"label_errors: out-of-sample probabilities for {len(y)} training examples ({o.folds}-fold)")
-        embedding, space = ctx.model.embedding(train.x)
+        _, embedding, space = ctx.model.logits_and_embedding(train.x)
         embedding = embedding.numpy().astype(np.float64)
         probs = out_of_sample_probabilities(embedding, y, folds=o.folds, estimator=o.estimator,
                                             neighbours=o.neighbours, seed=ctx.seed)

@@ -48,9 +48,9 @@ class Slices(Check):
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options
         x, y = ctx.data.x, ctx.data.y.numpy()
-        feats, space = ctx.model.embedding(x)
+        logits, feats, space = ctx.model.logits_and_embedding(x)
         feats = feats.numpy().astype(np.float64)
-        pred = ctx.model.predict(x).numpy()
+        pred = logits.argmax(1).numpy()
         correct = pred == y
         z = (feats - feats.mean(0)) / (feats.std(0) + 1e-8)
         names = ctx.data.class_names or [str(i) for i in range(int(max(y.max(), pred.max()) + 1))]
