@@ -76,7 +76,9 @@ class Backdoor(Check):
         s_tr = self._persistence(model, x_tr, y_tr, x_ref, y_ref, g)
         s_ref = self._persistence(model, x_ref, y_ref, x_ref, y_ref, g)
         content = _content_probabilities(x_ref, y_ref, x_tr, classes, o.content_neighbours)
-        disagree = content[np.arange(len(y_tr)), y_tr] < 0.5
+        label_support = content[np.arange(len(y_tr)), y_tr]  # how much the example looks like its label
+        looks_like = content.argmax(1)
+        disagree = label_support < 0.5
 
         thresholds = np.array([self._threshold(s_ref, y_ref, c, o.null_quantile) for c in range(classes)])
         suspicious = disagree & (s_tr > thresholds[y_tr])
@@ -86,20 +88,19 @@ class Backdoor(Check):
         z = (counts - med) / (spread + 1.0)  # +1: counts are small integers, a MAD of 0 is common
         candidates = [c for c in np.argsort(-counts) if counts[c] >= o.min_poisons and z[c] >= o.outlier_z]
 
-        score = s_tr * (1.0 - content[np.arange(len(y_tr)), y_tr])  # persistent and looking like another class
+        score = s_tr * (1.0 - label_support)  # persistent and looking like another class
         flagged = np.zeros(len(y_tr), dtype=bool)
-        findings, per_target, trigger_img = [], [], None
+        findings, per_target, triggers = [], [], []
         names = train.class_names or ref.class_names or [str(i) for i in range(classes)]
         for t in candidates:
             t = int(t)
             members = (y_tr == t) & disagree & (s_tr > self._threshold(s_ref, y_ref, t, o.flag_quantile))
-            confirm = self._confirm(model, x_tr, y_tr, x_ref, y_ref, t, members, content.argmax(1), g)
-            trigger = confirm.pop("trigger")
-            trigger_img = trigger if trigger_img is None else trigger_img  # the strongest candidate's
+            confirm = self._confirm(model, x_tr, y_tr, x_ref, y_ref, t, members, looks_like, g)
+            triggers.append(confirm.pop("trigger"))
             flagged |= members
             per_target.append({"target": t, "flagged": int(members.sum()), "count_z": float(z[t]), **confirm})
             confirmed = confirm["gain"] >= o.confirm_gain
-            source = np.bincount(content[members].argmax(1), minlength=classes)
+            source = np.bincount(looks_like[members], minlength=classes)
             findings.append(Finding(
                 "backdoor.found" if confirmed else "backdoor.suspected", "high" if confirmed else "medium",
                 f"Class {names[t]} {'carries' if confirmed else 'may carry'} a planted trigger: {int(members.sum())} "
@@ -117,9 +118,9 @@ class Backdoor(Check):
         arrays = {"train_index": train.positions(np.arange(len(y_tr))), "score": score.astype(np.float32),
                   "persistence": s_tr.astype(np.float32), "flagged": flagged,
                   "example_index": train.positions(order), "example_image": x_tr[torch.as_tensor(order)].numpy(),
-                  "example_label": y_tr[order], "example_looks_like": content[order].argmax(1)}
-        if trigger_img is not None:
-            arrays["trigger"] = trigger_img.astype(np.float32)
+                  "example_label": y_tr[order], "example_looks_like": looks_like[order]}
+        if triggers:
+            arrays["trigger"] = triggers[0].astype(np.float32)  # the strongest candidate's
         metrics = {"backdoor_detected": int(any(f.id == "backdoor.found" for f in findings)),
                    "flagged": int(flagged.sum()), "flagged_share": float(flagged.mean()),
                    "target_class": int(first["target"]) if first else -1,
