@@ -77,7 +77,7 @@ class Shortcuts(Check):
         order = np.dstack(np.unravel_index(np.argsort(-z, axis=None), z.shape))[0]
 
         names = train.class_names or ref.class_names or [str(i) for i in range(classes)]
-        tested, findings = [], []
+        tested, found, findings = [], [], []
         for c, k in order[: o.max_candidates * 4]:
             if len(tested) >= o.max_candidates or z[c, k] < o.outlier_z:
                 break
@@ -87,6 +87,7 @@ class Shortcuts(Check):
             t.update({"class": int(c), "region": [int(regions[k][0]), int(regions[k][1]), side], "z": float(z[c, k])})
             tested.append(t)
             if t["flip_rate"] >= o.min_flip_rate:
+                found.append(t)
                 findings.append(Finding(
                     "shortcuts.found", "high",
                     f"Class {names[c]} depends on a {side}x{side} region at row {regions[k][0]}, column {regions[k][1]}: "
@@ -98,7 +99,6 @@ class Shortcuts(Check):
                        f"{t['train_vs_heldout']:.2f} (mean absolute difference)."),
                     {"class": names[c], "region": t["region"], "flip_rate": t["flip_rate"],
                      "accuracy": t["accuracy"], "accuracy_occluded": t["accuracy_occluded"]}))
-        found = [t for t in tested if t["flip_rate"] >= o.min_flip_rate]
         metrics = {"shortcuts_found": len(found),
                    "worst_accuracy_drop": max((t["accuracy"] - t["accuracy_occluded"] for t in found), default=0.0)}
         details = {"class_names": names, "region_side": side, "stride": stride, "candidates": tested,
