@@ -25,7 +25,8 @@ from ..loading.data import Dataset
 from ..model import ModelAdapter
 from ..result import CheckResult, Finding
 
-__all__ = ["Check", "Needs", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "get_check", "status_from_findings", "shard_seed"]
+__all__ = ["Check", "Needs", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "get_check", "status_from_findings", "shard_seed",
+           "missing_packages", "DATA_EXTRA"]
 
 REGISTRY: dict[str, type["Check"]] = {}
 _ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -94,6 +95,17 @@ def shard_seed(seed: int, check_id: str, shard: int) -> int:
     """A seed per (run seed, check, shard): a shard's result does not depend on which shards ran before it."""
     digest = hashlib.sha256(f"{seed}:{check_id}:{shard}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+DATA_EXTRA = "pip install 'brittle[data]' (with -c constraints.txt in this environment)"
+
+
+def missing_packages(packages: dict[str, str], install: str = DATA_EXTRA) -> str | None:
+    """A skip reason naming the optional packages ({import name: package name}) that are not installed, or None."""
+    from importlib.util import find_spec
+
+    absent = [name for module, name in packages.items() if find_spec(module) is None]
+    return f"needs {' and '.join(absent)}: {install}" if absent else None
 
 
 def status_from_findings(findings: list[Finding]) -> str:

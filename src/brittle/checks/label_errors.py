@@ -17,10 +17,7 @@ import torch
 from pydantic import Field
 
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, status_from_findings
-
-INSTALL = "pip install 'brittle[data]' (with -c constraints.txt in this environment)"
-
+from .base import AuditContext, Check, CheckOptions, Needs, missing_packages, status_from_findings
 
 class LabelErrorOptions(CheckOptions):
     folds: int = Field(5, ge=2, le=50, description="K of the K-fold out-of-sample probabilities")
@@ -44,8 +41,9 @@ class LabelErrors(Check):
         reason = super().skip_reason(ctx)
         if reason is not None:
             return reason
-        if not _cleanlab_available():
-            return f"needs cleanlab and scikit-learn: {INSTALL}"
+        missing = missing_packages({"cleanlab": "cleanlab", "sklearn": "scikit-learn"})
+        if missing:
+            return missing
         counts = np.bincount(ctx.train_data.y.numpy())
         if counts[counts > 0].min() < self.options.folds:
             return (f"needs at least folds={self.options.folds} training examples in every class (the smallest has "
@@ -107,9 +105,3 @@ def out_of_sample_probabilities(embedding: np.ndarray, y: np.ndarray, *, folds: 
     full = np.zeros((len(y), max(int(y.max()) + 1, probs.shape[1])))
     full[:, np.unique(y)] = probs
     return full
-
-
-def _cleanlab_available() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("cleanlab") is not None and find_spec("sklearn") is not None

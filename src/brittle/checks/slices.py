@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, status_from_findings
+from .base import AuditContext, Check, CheckOptions, Needs, missing_packages, status_from_findings
 
 
 class SliceOptions(CheckOptions):
@@ -38,12 +38,7 @@ class Slices(Check):
     order = 30
 
     def skip_reason(self, ctx: AuditContext) -> str | None:
-        from importlib.util import find_spec
-
-        reason = super().skip_reason(ctx)
-        if reason is None and find_spec("sklearn") is None:
-            return "needs scikit-learn: pip install 'brittle[data]' (with -c constraints.txt in this environment)"
-        return reason
+        return super().skip_reason(ctx) or missing_packages({"sklearn": "scikit-learn"})
 
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options
