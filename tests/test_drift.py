@@ -55,3 +55,18 @@ def test_monitor_cli_exit_codes(tmp_path, tiny_model):
     assert main(common + ["--batch", str(tmp_path / "dark.npz"), "--out", str(tmp_path / "d.json")]) == 1
     assert json.loads((tmp_path / "d.json").read_text())["drift"] is True
     assert main(common + ["--batch", str(tmp_path / "dark.npz"), "--alpha", "2"]) == 2
+
+
+def test_monitor_sees_an_input_change_the_model_ignores():
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        model[1].weight[:, 32:] = 0.0  # the model reads only the top half of the image
+    x, _ = make_blobs(n=1300, seed=0)
+    moved = x[1000:].copy()
+    moved[:, :, 4:] = np.clip(moved[:, :, 4:] + 0.3, 0, 1)  # a change in the half it ignores
+    result = brittle.monitor(model, x[:1000], moved, permutations=99)
+    assert result.drift and result.input_mmd_p < 0.05 / 3
+    assert result.ks_min_p > 0.05 / 3 / 3 and result.mmd_p > 0.05 / 3  # outputs and features did not move

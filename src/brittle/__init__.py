@@ -14,9 +14,10 @@ from .result import AuditResult, CheckResult, Finding
 from .runner import audit
 from .calibrate import calibrate
 from .drift import monitor
+from .label_free import estimate as estimate_accuracy
 
 __all__ = [
     "AuditConfig", "AuditResult", "BrittleError", "CheckResult", "Dataset", "Finding", "InputError", "ModelAdapter",
     "ModelSpec", "SCHEMA_VERSION", "UsageError", "__version__", "audit", "calibrate", "load_config", "load_data",
-    "load_model", "monitor",
+    "load_model", "monitor", "estimate_accuracy",
 ]

@@ -52,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True, help="the calibrated model file to write (TorchScript, e.g. calibrated.ts)")
     _common(k)
 
+    e = sub.add_parser("estimate", help="estimate accuracy on unlabelled data, with an interval and warnings")
+    _model_args(e)
+    e.add_argument("--data", required=True, help="labelled validation data the estimators are fitted on")
+    e.add_argument("--target", required=True, help="the unlabelled inputs (labels, if present, only give the true accuracy "
+                                                        "beside the estimate)")
+    e.add_argument("--other-model", action="append", default=[],
+                   help="another model file of the same classes and input domain (repeat for more): "
+                        "adds agreement-based estimates")
+    e.add_argument("--out", help="write the result as JSON here (it is printed too)")
+    _common(e)
+
     m = sub.add_parser("monitor", help="two-sample drift tests of a new batch against reference data (exit 1: drift)")
     _model_args(m)
     m.add_argument("--reference", required=True, help="data the model was validated on (labels not needed)")
@@ -180,6 +191,20 @@ def _cmd_monitor(args, progress: Progress) -> int:
     return EXIT_GATE_FAILED if result.drift else EXIT_PASS
 
 
+def _cmd_estimate(args, progress: Progress) -> int:
+    from .label_free import estimate
+
+    result = estimate(None, args.data, args.target, other_models=args.other_model, config=_config_from_args(args))
+    text = json.dumps(result.to_json(), indent=2)
+    if args.out:
+        from ._atomic import write_text
+
+        write_text(Path(args.out), text)
+    if not args.quiet:
+        print(text)
+    return EXIT_PASS
+
+
 def _cmd_checks(args, progress: Progress) -> int:
     from .checks import REGISTRY, available_checks
 
@@ -197,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     handlers = {"audit": _cmd_audit, "report": _cmd_report, "demo": _cmd_demo, "checks": _cmd_checks,
-                "calibrate": _cmd_calibrate, "monitor": _cmd_monitor}
+                "calibrate": _cmd_calibrate, "monitor": _cmd_monitor,
+                "estimate": _cmd_estimate}
     try:
         return handlers[args.command](args, progress)
     except BrittleError as exc:

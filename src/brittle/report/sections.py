@@ -219,6 +219,54 @@ def _calibration(r: CheckResult, audit: AuditResult) -> str:
     return "".join(out)
 
 
+_SHORT = {"gaussian_noise": "gauss", "gaussian_blur": "g-blur", "elastic_transform": "elastic",
+          "jpeg_compression": "jpeg", "brightness": "bright", "feature_noise": "noise", "missing_values": "missing",
+          "feature_scaling": "scaling"}
+
+
+def _short(name: str) -> str:
+    return _SHORT.get(name, name.split("_")[0][:8])
+
+
+@section_renderer("corruptions")
+def _corruptions(r: CheckResult, audit: AuditResult) -> str:
+    d, a, m = r.details, r.arrays, r.metrics
+    per_type = d.get("per_type") or {}
+    if not per_type:
+        return ""
+    names = list(per_type)
+    out = [f'<p class="meta">{d.get("points")} audit points, severities {d.get("severities")}. Clean accuracy '
+           f'{m.get("clean_accuracy", 0):.1%}, mean corruption accuracy {m.get("mean_corruption_accuracy", 0):.1%} '
+           f'(relative drop {m.get("relative_drop", 0):.0%})'
+           + (f', mCE {m["mce"]:.2f} relative to {escape(str(d.get("reference_model")))}' if "mce" in m else "")
+           + ".</p>",
+           "<h4>Accuracy per corruption (mean over severities)</h4>",
+           bar_chart([_short(n) for n in names], {"accuracy": [per_type[n] for n in names]},
+                     width=max(560, 44 * len(names)), title="accuracy per corruption")]
+    sev = d.get("severities") or []
+    if len(sev) > 1:
+        worst = sorted(names, key=per_type.get)[:4]
+        out += ["<h4>Accuracy vs severity (the four worst corruptions and the mean)</h4>",
+                line_chart(sev, {**{_short(n): d["accuracy"][n] for n in worst},
+                                 "mean": np.mean([d["accuracy"][n] for n in names], 0).tolist()},
+                           xlabel="severity", title="accuracy vs severity")]
+    est = sorted(d.get("estimates") or [], key=lambda e: e["truth"])
+    if est:
+        warned = sum(e["warned"] for e in est)
+        out += [f"<h4>Accuracy estimated without labels vs the truth, per corrupted set (sorted by true accuracy)</h4>"
+                f'<p class="meta">Estimators fitted on {d["estimator_split"][0]} clean points, judged on the corrupted '
+                f'other {d["estimator_split"][1]}; {d.get("estimator_models", 1)} model(s). Mean absolute error '
+                f'{m.get("estimate_mae", 0) * 100:.1f} points, largest {m.get("estimate_max_error", 0) * 100:.1f}; '
+                f"{warned} of {len(est)} estimates came with a warning.</p>",
+                line_chart(list(range(1, len(est) + 1)), {"true accuracy": [e["truth"] for e in est],
+                                                          "estimate": [e["estimate"] for e in est]},
+                           xlabel="corrupted set", title="estimate vs truth")]
+    if "example_corrupted" in a:
+        out += _gallery("One audit input under each corruption", [a["example_clean"][0], *a["example_corrupted"]],
+                        ["clean", *[n.replace("_", " ") for n in names]], audit)
+    return "".join(out)
+
+
 @section_renderer("label_errors")
 def _label_errors(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays

@@ -93,11 +93,12 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float]], *, width
         xv = x0 + frac * span
         parts.append(f'<text x="{px(xv):.1f}" y="{height - 14}" text-anchor="middle" font-size="10">{xv:.3g}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 2}" text-anchor="middle" font-size="10">{escape(xlabel)}</text>')
+    step = min(130, (width - left) // max(len(series), 1))  # legend entries share the width
     for si, (name, ys) in enumerate(series.items()):
         pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if y is not None)
         colour = PALETTE[si % len(PALETTE)]
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>'
-                     f'<rect x="{left + si * 130}" y="2" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{left + si * 130 + 14}" y="11" font-size="10">{escape(name)}</text>')
+                     f'<rect x="{left + si * step}" y="2" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{left + si * step + 14}" y="11" font-size="10">{escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)

@@ -1,0 +1,182 @@
+"""Corruptions: accuracy under common corruptions, and whether accuracy can be estimated there without labels.
+
+Images get the 19 corruptions of `brittle.corruptions` (18 on non-RGB images) at 5 severities; tabular
+inputs get feature noise, missing values and rescaled features. Reported: mean corruption accuracy, the
+relative drop from clean accuracy, per-type curves over severity, the worst type, and the mean corruption
+error relative to a reference model (mCE, Hendrycks & Dietterich) when `reference_model` is given.
+
+Each corrupted set is also a test of the label-free accuracy estimators (`brittle.label_free`): they are fitted
+on a clean half of the audit data and estimate the accuracy on the corrupted other half, where the truth is
+known. The report shows estimate vs truth, so a user knows how far to trust `brittle estimate` on this model
+before relying on it in production.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from ..corruptions import TABULAR, corrupt, corrupt_tabular, corruption_names
+from ..label_free import estimate_accuracy, fit_source
+from ..result import CheckResult, Finding
+from .base import AuditContext, Check, CheckOptions, Needs, status_from_findings
+
+
+class CorruptionsOptions(CheckOptions):
+    corruptions: list[str] | None = Field(None, description="corruption names (default: every one that applies)")
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    max_samples: int = Field(1000, ge=20, description="audit points used (a seeded subset)")
+    max_relative_drop: float = Field(0.2, gt=0, le=1, description="a mean relative accuracy drop above this is a finding")
+    max_type_drop: float = Field(0.5, gt=0, le=1, description="so is one corruption's relative drop above this")
+    reference_model: str | None = Field(None, description="a model file (same input domain) for the relative mCE")
+    other_models: list[str] = Field(default_factory=list,
+                                    description="model files (same input domain) for agreement-based accuracy estimates")
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, v: list[int]) -> list[int]:
+        if not v or any(s not in (1, 2, 3, 4, 5) for s in v):
+            raise ValueError(f"severities must be a non-empty list of 1..5; got {v}")
+        return sorted(set(v))
+
+
+class Corruptions(Check):
+    id = "corruptions"
+    title = "Common corruptions"
+    needs = Needs(labels=True)
+    metrics = ("clean_accuracy", "mean_corruption_accuracy", "relative_drop", "worst_corruption_accuracy", "mce",
+               "estimate_mae", "estimate_max_error")
+    Options = CorruptionsOptions
+    order = 25
+
+    def _names(self, x: torch.Tensor) -> tuple[str, ...]:
+        available = corruption_names(x.shape[1]) if x.ndim == 4 else TABULAR
+        if self.options.corruptions is None:
+            return available
+        unknown = [n for n in self.options.corruptions if n not in available]
+        if unknown:
+            raise ValueError(f"corruptions {unknown} do not apply to inputs of shape {tuple(x.shape[1:])}; "
+                             f"choose from {', '.join(available)}")
+        return tuple(self.options.corruptions)
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:
+        reason = super().skip_reason(ctx)
+        if reason is None and ctx.data.x.ndim not in (2, 4):
+            return f"needs images (N, C, H, W) or tabular rows (N, D); the inputs have shape {tuple(ctx.data.x.shape)}"
+        return reason
+
+    def run(self, ctx: AuditContext) -> CheckResult:
+        o = self.options
+        g = np.random.default_rng(ctx.seed)
+        idx = np.sort(g.choice(len(ctx.data), size=min(o.max_samples, len(ctx.data)), replace=False))
+        x, y = ctx.data.x[torch.as_tensor(idx)], ctx.data.y[torch.as_tensor(idx)].numpy()
+        names = self._names(x)
+        others = [_load_like(p, ctx) for p in o.other_models]
+        reference = _load_like(o.reference_model, ctx) if o.reference_model else None
+        models = [ctx.model] + others + ([reference] if reference else [])
+        low, high = ctx.model.bounds
+        span = high - low
+        # Estimators are fitted on a clean half and judged on the corrupted other half.
+        halves = g.permutation(len(idx)) % 2 == 0
+        fit_part, judge_part = np.flatnonzero(halves), np.flatnonzero(~halves)
+        clean = [m.logits(x).numpy() for m in models]
+        n_est = 1 + len(others)
+        fit = fit_source([z[fit_part] for z in clean[:n_est]], y[fit_part], num_classes=clean[0].shape[1])
+        tab_mean, tab_std = (x.mean(0), x.std(0)) if x.ndim == 2 else (None, None)
+
+        accuracy = {n: [] for n in names}  # per model index, per severity
+        ref_error = {n: [] for n in names}
+        estimates = []
+        ctx.progress.start("corruptions", len(names))
+        for name in names:
+            saved = ctx.state.load(name)
+            if saved is not None and saved["severities"].tolist() == o.severities:
+                preds = saved["predictions"]  # (models, severities, N)
+                est = saved["estimates"]
+            else:
+                preds = np.zeros((len(models), len(o.severities), len(idx)), np.int64)
+                est = np.zeros((len(o.severities), 3))  # estimate, truth, warned
+                for si, sev in enumerate(o.severities):
+                    if x.ndim == 4:
+                        xc = corrupt((x - low) / span, name, sev, seed=ctx.seed) * span + low
+                    else:
+                        xc = corrupt_tabular(x, name, sev, seed=ctx.seed, mean=tab_mean, std=tab_std).clamp(low, high)
+                    logits = [m.logits(xc).numpy() for m in models]
+                    preds[:, si] = np.stack([z.argmax(1) for z in logits])
+                    e = estimate_accuracy(fit, [z[judge_part] for z in logits[:n_est]])
+                    est[si] = (e.estimate, float((preds[0, si, judge_part] == y[judge_part]).mean()), bool(e.warnings))
+                ctx.state.save(name, {"severities": np.array(o.severities), "predictions": preds, "estimates": est})
+            accuracy[name] = (preds[0] == y[None]).mean(1).tolist()
+            if reference is not None:
+                ref_error[name] = (1 - (preds[-1] == y[None]).mean(1)).tolist()
+            estimates += [dict(corruption=name, severity=sev, estimate=float(e[0]), truth=float(e[1]), warned=bool(e[2]))
+                          for sev, e in zip(o.severities, est)]
+            ctx.progress.advance()
+        ctx.progress.finish()
+
+        clean_acc = float((clean[0].argmax(1) == y).mean())
+        per_type = {n: float(np.mean(a)) for n, a in accuracy.items()}
+        mca = float(np.mean(list(per_type.values())))
+        drop = (clean_acc - mca) / clean_acc if clean_acc > 0 else 0.0
+        worst = min(per_type, key=per_type.get)
+        metrics = {"clean_accuracy": clean_acc, "mean_corruption_accuracy": mca, "relative_drop": drop,
+                   "worst_corruption_accuracy": per_type[worst]}
+        details: dict = {"severities": o.severities, "accuracy": accuracy, "per_type": per_type, "worst": worst,
+                         "points": len(idx), "kind": "image" if x.ndim == 4 else "tabular",
+                         "estimates": estimates, "estimator_models": n_est,
+                         "estimator_split": [len(fit_part), len(judge_part)]}
+        if reference is not None:
+            ref_clean = float(1 - (clean[-1].argmax(1) == y).mean())
+            ce = {n: float(np.sum(1 - np.array(accuracy[n])) / max(np.sum(ref_error[n]), 1e-12)) for n in names}
+            metrics["mce"] = float(np.mean(list(ce.values())))
+            details.update(ce=ce, reference_clean_error=ref_clean, reference_model=Path(o.reference_model).name)
+        errors = np.array([abs(e["estimate"] - e["truth"]) for e in estimates])
+        metrics["estimate_mae"] = float(errors.mean())
+        metrics["estimate_max_error"] = float(errors.max())
+
+        findings = []
+        type_drop = (clean_acc - per_type[worst]) / clean_acc if clean_acc > 0 else 0.0
+        if drop > o.max_relative_drop or type_drop > o.max_type_drop:
+            weakest = sorted(per_type, key=per_type.get)[:3]
+            findings.append(Finding(
+                "corruptions.fragile", "medium",
+                f"Accuracy falls from {clean_acc:.1%} to {mca:.1%} on average under common corruptions (relative drop "
+                f"{drop:.0%}); worst: " + ", ".join(f"{n.replace('_', ' ')} {per_type[n]:.1%}" for n in weakest) + ".",
+                {"clean_accuracy": clean_acc, "mean_corruption_accuracy": mca, "relative_drop": drop,
+                 "worst": {n: per_type[n] for n in weakest}}))
+        silent = [e for e in estimates if abs(e["estimate"] - e["truth"]) > 0.3 and not e["warned"]]
+        if silent:
+            findings.append(Finding(
+                "corruptions.estimate-unreliable", "low",
+                f"Without labels, accuracy would be misjudged by more than 30 points without a warning on {len(silent)} "
+                "corrupted set(s): " + ", ".join(f"{e['corruption']} {e['severity']} (estimate {e['estimate']:.0%}, "
+                                                 f"truth {e['truth']:.0%})" for e in silent[:3]) + ".",
+                {"sets": silent[:10]}))
+        arrays = {}
+        if x.ndim == 4:
+            shown = x[:1]
+            arrays["example_clean"] = shown.numpy()
+            arrays["example_corrupted"] = np.stack([
+                (corrupt((shown - low) / span, n, 3 if 3 in o.severities else o.severities[-1], seed=ctx.seed) * span
+                 + low)[0].numpy() for n in names])
+        return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
+
+
+def _load_like(path: str, ctx: AuditContext):
+    """Another model file in the audited model's input domain (bounds, normalisation, batch size)."""
+    from ..loading.models import ModelSpec, load_model
+
+    m = ctx.model
+    mean = None if m.mean is None else [float(v) for v in np.ravel(m.mean)]
+    std = None if m.std is None else [float(v) for v in np.ravel(m.std)]
+    other = load_model(ModelSpec(path=path, bounds=m.bounds, mean=mean, std=std, batch_size=m.batch_size))
+    other.bind(ctx.data.x[:2], source=path)
+    if other.num_classes != m.num_classes:
+        from ..errors import UsageError
+
+        raise UsageError(f"{path} has {other.num_classes} outputs and the audited model {m.num_classes}: the other "
+                         "models of the corruptions check must classify the same classes.")
+    return other

@@ -1,0 +1,199 @@
+"""Accuracy without labels: estimate a model's accuracy on an unlabelled target set, and say when not to trust it.
+
+Fit on labelled source data (the data the model was validated on), then estimate on the target:
+- `confidence`: mean top-class probability after temperature scaling (fitted on the source);
+- `doc`: source accuracy + (target - source) mean confidence (Guillory et al. 2021);
+- `atc`: share of target examples whose negative entropy is above the source threshold that reproduces the
+  source accuracy (Garg et al. 2022);
+- `cot`: 1 - the optimal-transport cost from the target's predicted probabilities to the source's label
+  distribution, cost ||p - onehot||_inf (Lu et al. 2023): it notices when predictions pile up on a few
+  classes, which every confidence method misses;
+- with other models: `gde`, agreement of the audited model with the others on the target (Jiang et al. 2022),
+  and `agreement_line`, accuracy moved in probit space by as much as agreement moved (Baek et al. 2022;
+  the slope is fitted on the pairs when there are three models or more, and 1 otherwise).
+The reported `estimate` is the mean of `cot` and, when other models are given, `agreement_line`: on the
+benchmark the two fail in opposite directions (docs/benchmarks.md). The interval spans the methods, and
+warnings say when the estimate is known to fail: methods disagree, agreement collapses while confidence stays
+high, or the predicted classes pile up on a few labels (label shift or a collapsed model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+
+import numpy as np
+
+from .calibration import fit_temperature, softmax
+
+__all__ = ["SourceFit", "AccuracyEstimate", "estimate", "fit_source", "estimate_accuracy", "transport_costs"]
+
+_PROBIT = NormalDist()
+DISAGREEMENT = 0.15  # methods further apart than this: the estimate is not to be trusted
+COLLAPSE = 0.25  # predicted-class distribution this far (total variation) from the source labels
+
+
+def _probit(p: float) -> float:
+    return _PROBIT.inv_cdf(min(max(p, 1e-4), 1 - 1e-4))
+
+
+def _unprobit(z: float) -> float:
+    return _PROBIT.cdf(z)
+
+
+def _neg_entropy(probs: np.ndarray) -> np.ndarray:
+    return (probs * np.log(np.clip(probs, 1e-12, None))).sum(1)
+
+
+def transport_costs(probs: np.ndarray, prior: np.ndarray, *, eps: float = 0.002, iterations: int = 300) -> np.ndarray:
+    """Per-example cost of the optimal transport from predicted probabilities (uniform weights) to one-hot labels
+    with class masses `prior`, cost ||p - onehot_k||_inf; entropic (eps) Sinkhorn in the K dual variables.
+    The mean of the result is the transport cost."""
+    n, k = probs.shape
+    top = probs.max(1, keepdims=True)
+    # ||p - e_k||_inf = max(1 - p_k, max_{j != k} p_j)
+    others = np.where(probs == top, np.partition(probs, -2, axis=1)[:, -2:-1], top)
+    cost = np.maximum(1.0 - probs, others)
+    log_prior = np.log(np.clip(prior, 1e-12, None))
+    g = np.zeros(k)
+    for _ in range(iterations):
+        z = (g[None] - cost) / eps
+        z -= z.max(1, keepdims=True)
+        plan = np.exp(z)
+        plan /= plan.sum(1, keepdims=True)
+        g += eps * (log_prior - np.log(np.clip(plan.mean(0), 1e-300, None)))
+    return (plan * cost).sum(1)
+
+
+@dataclass
+class SourceFit:
+    """What the estimators learn from labelled source data (model 0 is the audited model)."""
+
+    temperature: float
+    accuracy: float
+    confidence: float
+    atc_threshold: float
+    prior: list[float]
+    accuracies: list[float] = field(default_factory=list)  # every model's source accuracy
+    agreements: dict[str, float] = field(default_factory=dict)  # "i,j" -> source agreement
+    n: int = 0
+
+
+@dataclass
+class AccuracyEstimate:
+    estimate: float
+    interval: tuple[float, float]
+    methods: dict[str, float]
+    warnings: list[str]
+    n: int
+    predicted_class_shift: float  # total variation between target predictions and source labels
+    true_accuracy: float | None = None  # when the target happens to have labels: what the estimate is judged by
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def fit_source(logits: list[np.ndarray] | np.ndarray, y: np.ndarray, *, num_classes: int | None = None) -> SourceFit:
+    """Fit on labelled source data. `logits`: the audited model's (N, K) logits, or a list, audited model first."""
+    logits = [np.asarray(logits, np.float64)] if isinstance(logits, np.ndarray) else [np.asarray(z, np.float64) for z in logits]
+    y = np.asarray(y)
+    k = num_classes or logits[0].shape[1]
+    t = fit_temperature(logits[0], y)
+    probs = softmax(logits[0], t)
+    acc = float((probs.argmax(1) == y).mean())
+    score = _neg_entropy(probs)
+    # The threshold above which the share of source examples equals the source accuracy.
+    threshold = float(np.quantile(score, 1.0 - acc)) if acc < 1 else float(score.min()) - 1e-9
+    preds = [z.argmax(1) for z in logits]
+    agreements = {f"{i},{j}": float((preds[i] == preds[j]).mean())
+                  for i in range(len(preds)) for j in range(i + 1, len(preds))}
+    return SourceFit(t, acc, float(probs.max(1).mean()), threshold, np.bincount(y, minlength=k).astype(float).tolist(),
+                     [float((p == y).mean()) for p in preds], agreements, len(y))
+
+
+def _agreement_line(fit: SourceFit, preds: list[np.ndarray]) -> float:
+    pairs = list(fit.agreements)
+    ood = {p: float((preds[int(p.split(",")[0])] == preds[int(p.split(",")[1])]).mean()) for p in pairs}
+    x = np.array([_probit(fit.agreements[p]) for p in pairs])
+    z = np.array([_probit(ood[p]) for p in pairs])
+    if len(pairs) >= 3 and np.ptp(x) > 1e-3:
+        slope, bias = np.polyfit(x, z, 1)
+    else:
+        slope = 1.0
+        bias = float(np.mean(z - x))
+    return _unprobit(slope * _probit(fit.accuracies[0]) + bias)
+
+
+def estimate_accuracy(fit: SourceFit, logits: list[np.ndarray] | np.ndarray) -> AccuracyEstimate:
+    """Estimate the audited model's accuracy on unlabelled target data (same model order as in `fit_source`)."""
+    logits = [np.asarray(logits, np.float64)] if isinstance(logits, np.ndarray) else [np.asarray(z, np.float64) for z in logits]
+    probs = softmax(logits[0], fit.temperature)
+    n, k = probs.shape
+    prior = np.asarray(fit.prior, float)
+    prior = prior / prior.sum()
+    conf = float(probs.max(1).mean())
+    methods = {
+        "confidence": conf,
+        "doc": float(np.clip(fit.accuracy + conf - fit.confidence, 0, 1)),
+        "atc": float((_neg_entropy(probs) > fit.atc_threshold).mean()),
+        "cot": float(1.0 - transport_costs(probs, prior).mean()),
+    }
+    preds = [z.argmax(1) for z in logits]
+    if len(preds) > 1:
+        methods["gde"] = float(np.mean([(preds[0] == p).mean() for p in preds[1:]]))
+        methods["agreement_line"] = float(_agreement_line(fit, preds))
+    chosen = [methods["cot"]] + ([methods["agreement_line"]] if "agreement_line" in methods else [])
+    estimate = float(np.mean(chosen))
+    warnings = []
+    shift = 0.5 * float(np.abs(np.bincount(preds[0], minlength=k)[:k] / n - prior).sum())
+    spread = max(methods.values()) - min(methods.values())
+    if spread > DISAGREEMENT:
+        warnings.append(f"the estimators disagree by {spread:.0%} (from {min(methods.values()):.0%} to "
+                        f"{max(methods.values()):.0%}): the shift is one where some of them are known to fail")
+    if "gde" in methods and conf - methods["gde"] > DISAGREEMENT:
+        warnings.append(f"confidence stays high ({conf:.0%}) while the models agree on only {methods['gde']:.0%} "
+                        "of the inputs: confidence-based estimates are too high here")
+    if shift > COLLAPSE:
+        warnings.append(f"predictions pile up on a few classes (total variation {shift:.2f} from the source labels): "
+                        "either the model collapsed on this data or the class mix changed, which the estimators "
+                        "assume it did not")
+    se = float(np.sqrt(max(estimate * (1 - estimate), 1e-4) / n))
+    low = max(0.0, min(min(methods.values()), estimate - 2 * se))
+    high = min(1.0, max(max(methods.values()), estimate + 2 * se))
+    return AccuracyEstimate(estimate, (low, high), methods, warnings, n, shift)
+
+
+def estimate(model, source, target, *, other_models=(), config=None) -> AccuracyEstimate:
+    """Estimate `model`'s accuracy on unlabelled `target`, fitted on labelled `source` (validation data).
+
+    `model`, `source`, `target`: what `brittle.audit` takes (paths, modules, arrays). `other_models`: more
+    models of the same classes and input domain (paths or modules); with them, agreement-based estimates join.
+    """
+    from .errors import UsageError
+    from .runner import _as_config, prepare_data, prepare_model
+
+    cfg = _as_config(config)
+    spec = cfg.model
+    adapters = [prepare_model(model, cfg)]
+    for other in other_models:
+        if isinstance(other, str) or hasattr(other, "__fspath__"):
+            adapters.append(prepare_model(None, cfg.model_copy(update={"model": spec.model_copy(
+                update={"path": str(other), "factory": None, "weights": None})})))
+        else:
+            adapters.append(prepare_model(other, cfg))
+    src = prepare_data(source, adapters[0], cfg, role="source", subsample=False)
+    tgt = prepare_data(target, adapters[0], cfg, role="target", subsample=False)
+    if src.y is None:
+        raise UsageError(f"The source data {src.source} has no labels: the estimators are fitted on labelled "
+                         "validation data.")
+    for a in adapters[1:]:
+        a.bind(src.x, source=a.name)
+        if a.num_classes != adapters[0].num_classes:
+            raise UsageError(f"{a.name} has {a.num_classes} outputs and the audited model {adapters[0].num_classes}: "
+                             "other models must classify the same classes.")
+    fit = fit_source([a.logits(src.x).numpy() for a in adapters], src.y.numpy(), num_classes=adapters[0].num_classes)
+    target_logits = [a.logits(tgt.x).numpy() for a in adapters]
+    result = estimate_accuracy(fit, target_logits)
+    if tgt.y is not None:
+        result.true_accuracy = float((target_logits[0].argmax(1) == tgt.y.numpy()).mean())
+    return result
