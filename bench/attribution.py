@@ -1,0 +1,188 @@
+"""Data attribution benchmark: brittle's TRAK vs traker 0.3.2 on MNIST-5k, in one run.
+
+    python bench/attribution.py [--skip-peers] [--ridges 0.001,0.01,0.1]
+
+Protocol (the issue's): MLP 784-256-10 (203k parameters), 4,000 training digits, fp32, one thread. The
+ground truth for LDS is 50 random half subsets x 2 retraining seeds, margins of 100 test targets (cached in
+bench/.cache; about two minutes the first time). Featurisation time is per 1,000 training examples at the
+same projection dimension for both libraries; peak memory is the maximum resident set of a child process
+doing only the featurisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _mnist import CACHE, split  # noqa: E402
+
+from brittle.attribution import Trak, featurize, lds_from, margins  # noqa: E402
+
+TARGETS = 100
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def train_mlp(x, y, *, seed: int, epochs: int = 8) -> nn.Module:
+    torch.manual_seed(seed)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(100):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def ground_truth(x_train, y_train, x_t, y_t):
+    path = CACHE / "lds_truth_mlp.npz"
+    if path.is_file():
+        z = np.load(path)
+        return z["masks"], z["measured"]
+    CACHE.mkdir(exist_ok=True)
+    t0 = time.time()
+    g = np.random.default_rng(0)
+    masks = np.zeros((50, len(x_train)), bool)
+    measured = np.zeros((50, len(x_t)))
+    for s in range(50):
+        masks[s, g.choice(len(x_train), len(x_train) // 2, replace=False)] = True
+        idx = torch.as_tensor(np.flatnonzero(masks[s]))
+        for r in range(2):
+            measured[s] += margins(train_mlp(x_train[idx], y_train[idx], seed=1000 + 2 * s + r), x_t, y_t) / 2
+    print(f"  (LDS ground truth: 100 trainings in {time.time() - t0:.0f} s)", file=sys.stderr)
+    np.savez(path, masks=masks, measured=measured)
+    return masks, measured
+
+
+def lds(scores, masks, measured):
+    r = lds_from(scores, masks, measured)
+    return r["lds"], r["stderr"]
+
+
+def brittle_features(model, x, y, proj_dim):
+    """proj_dim 0: brittle's default for this MLP (exact gradients, no projection)."""
+    return featurize(model, x, y, proj_dim=proj_dim or None, batch_size=100)
+
+
+def traker_features(model, x, y, x_t, y_t, proj_dim, save_dir):
+    from trak import TRAKer
+
+    t = TRAKer(model=model, task="image_classification", train_set_size=len(x), save_dir=save_dir, device="cpu",
+               proj_dim=proj_dim, use_half_precision=False, logging_level=40)
+    t.load_checkpoint(model.state_dict(), model_id=0)
+    t0 = time.process_time()
+    for i in range(0, len(x), 100):
+        t.featurize(batch=(x[i: i + 100], y[i: i + 100]), num_samples=len(x[i: i + 100]))
+    cpu = time.process_time() - t0
+    t.finalize_features()
+    t.start_scoring_checkpoint(exp_name="bench", checkpoint=model.state_dict(), model_id=0, num_targets=len(x_t))
+    t.score(batch=(x_t, y_t), num_samples=len(x_t))
+    return t.finalize_scores(exp_name="bench").T, cpu
+
+
+def _child(kind, proj_dim, queue):
+    torch.set_num_threads(1)
+    (x, y), _ = split()
+    model = train_mlp(x, y, seed=0)
+    x1, y1 = x[:1000], y[:1000]
+    t0 = time.process_time()
+    if kind == "brittle":
+        brittle_features(model, x1, y1, proj_dim)
+    elif kind == "brittle-exact":
+        brittle_features(model, x1, y1, 0)
+    else:
+        from trak import TRAKer
+
+        with tempfile.TemporaryDirectory() as d:
+            t = TRAKer(model=model, task="image_classification", train_set_size=1000, save_dir=d, device="cpu",
+                       proj_dim=proj_dim, use_half_precision=False, logging_level=40)
+            t.load_checkpoint(model.state_dict(), model_id=0)
+            for i in range(0, 1000, 100):
+                t.featurize(batch=(x1[i: i + 100], y1[i: i + 100]), num_samples=100)
+    queue.put((time.process_time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def measure(kind, proj_dim):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(kind, proj_dim, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--ridges", default="3")
+    ap.add_argument("--dims", default="0,512,2048", help="projection dimensions; 0 = exact gradients (the default)")
+    ap.add_argument("--models", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    (x, y), (x_test, y_test) = split()
+    x_t, y_t = x_test[:TARGETS], y_test[:TARGETS]
+    masks, measured = ground_truth(x, y, x_t, y_t)
+    models = [train_mlp(x, y, seed=s) for s in range(args.models)]
+    print(f"test accuracy of the models: {[round(float((m(x_test).argmax(1) == y_test).float().mean()), 3) for m in models]}")
+    dims = [int(d) for d in args.dims.split(",")]
+    ridges = [float(r) for r in args.ridges.split(",")]
+    rows = []
+    for p in dims:
+        feats, tfeats, secs = [], [], []
+        for m in models:
+            t0 = time.process_time()
+            feats.append(brittle_features(m, x, y, p))
+            secs.append(time.process_time() - t0)
+            tfeats.append(brittle_features(m, x_t, y_t, p))
+        for ridge in ridges:
+            for k in sorted({1, len(models)}):
+                t0 = time.process_time()
+                scores = Trak(feats[:k], ridge=ridge).scores(tfeats[:k])
+                solve = time.process_time() - t0
+                rows.append(("brittle", p or "exact", ridge, k, *lds(scores, masks, measured),
+                             np.mean(secs) / len(x) * 1000, solve))
+        if not args.skip_peers and p:
+            d = tempfile.mkdtemp()
+            try:
+                t0 = time.process_time()
+                sc, cpu = traker_features(models[0], x, y, x_t, y_t, p, d)
+                total = time.process_time() - t0
+                rows.append(("traker 0.3.2", p, 0.0, 1, *lds(np.asarray(sc, np.float64), masks, measured),
+                             cpu / len(x) * 1000, total - cpu))
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+    print("\n| library | proj dim | ridge | models | LDS | stderr | featurise CPU-s per 1,000 | scoring CPU-s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]:g} | {r[3]} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.2f} | {r[7]:.1f} |")
+    print("\nFeaturisation of 1,000 examples in a fresh process (one thread): CPU-s and peak RSS (MB)")
+    for p in [d for d in dims if d]:
+        for kind in (["brittle"] + ([] if args.skip_peers else ["traker"])):
+            cpu, rss = measure(kind, p)
+            print(f"  {kind:8s} p={p}: {cpu:.2f} CPU-s, peak RSS {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

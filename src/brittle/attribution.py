@@ -1,0 +1,419 @@
+"""Data attribution with TRAK (Park et al. 2023): which training examples drive a prediction.
+
+For each model (an ensemble of independently trained models or checkpoints, or one model), every training
+example gets a feature: the gradient phi of its margin f = z_y - logsumexp_{k != y} z_k with respect to the
+weights. A target's score on training example i is phi_t (Phi^T W Phi + lambda I)^-1 phi_i, averaged over
+models, times the mean (1 - p_i) of example i (W: the logistic Gauss-Newton weights p_i (1 - p_i)).
+
+What differs from the reference library (traker 0.3.2), for CPU:
+- **Exact gradients when the weight layers are Linear.** The gradient of a Linear layer is d a^T (the margin's
+  gradient at the output times the input), so gradient inner products are sums over layers of
+  (a_i . a_j)(d_i . d_j): the kernel is exact, with no projection error, from one batched backward, and the
+  scores are solved in the n x n form. On the benchmark this is what lifts LDS (docs/benchmarks.md).
+- **Factored projection otherwise** (convolutions, TorchScript). A weight's per-example gradient is a matrix G (out x in, the bias as one more
+  column). We project it as P_out^T G P_in with two small Gaussian matrices (k_out x k_in numbers), which
+  preserves inner products in expectation like a dense Gaussian projection (E[(A (x) B)^T (A (x) B)] = I) but
+  costs O(out * in * k_in) per example instead of O(out * in * p), with nothing regenerated per batch
+  (LoGra, Choe et al. 2024, makes the same choice). Small layers are kept exactly. float32 throughout.
+- **lambda is never 0.** lambda = ridge * trace(Phi^T Phi) / p: scale-free, so the same `ridge` suits
+  any model; traker's default 0 returns noise when p reaches the number of training examples.
+- **Memory-mapped, resumable featurisation**: features go to .npy memmaps in a folder with a fingerprint
+  of the model, data and settings; an interrupted run continues from the last finished batch.
+Parameters of layers without a weight matrix (BatchNorm, LayerNorm scales) are left out of the gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._atomic import write_text
+from ._progress import Progress
+from .errors import UsageError
+
+__all__ = ["Features", "Projector", "Trak", "evaluate_lds", "featurize", "lds_from", "margins"]
+
+FORMAT = 1
+
+
+@dataclass
+class _Group:
+    """One weight matrix (and its bias) of the model, seen as out x in (bias = last column)."""
+
+    weight: str
+    bias: str | None
+    out: int
+    inp: int  # columns, the bias column included
+    k_out: int = 0
+    k_in: int = 0
+    p_out: torch.Tensor | None = None  # None: kept exactly
+    p_in: torch.Tensor | None = None
+
+
+def _weight_groups(module: nn.Module) -> list[_Group]:
+    params = dict(module.named_parameters())
+    groups = []
+    for name, p in params.items():
+        if not name.endswith("weight") or p.ndim < 2:
+            continue
+        bias = name[: -len("weight")] + "bias"
+        bias = bias if bias in params and params[bias].ndim == 1 and params[bias].shape[0] == p.shape[0] else None
+        groups.append(_Group(name, bias, p.shape[0], int(np.prod(p.shape[1:])) + (1 if bias else 0)))
+    if not groups:
+        raise UsageError("The model has no weight matrices (Linear, Conv) to attribute through.")
+    return groups
+
+
+class Projector:
+    """Factored Gaussian projection of per-example weight gradients to about `proj_dim` numbers."""
+
+    def __init__(self, module: nn.Module, proj_dim: int, *, seed: int = 0):
+        if proj_dim < 1:
+            raise UsageError(f"The 'proj_dim' parameter must be >= 1; got {proj_dim}.")
+        self.groups = _weight_groups(module)
+        remaining, left = proj_dim, len(self.groups)
+        # Smallest layers first: they are kept exactly when they fit, the rest is shared by the big ones.
+        for gr in sorted(self.groups, key=lambda gr: gr.out * gr.inp):
+            share = max(1, remaining // left)
+            if gr.out * gr.inp <= share:
+                gr.k_out, gr.k_in = gr.out, gr.inp
+            else:
+                gr.k_out = min(gr.out, max(1, math.isqrt(share)))
+                gr.k_in = min(gr.inp, max(1, share // gr.k_out))
+                gr.k_out = min(gr.out, max(1, share // gr.k_in))
+            remaining -= gr.k_out * gr.k_in
+            left -= 1
+        g = torch.Generator().manual_seed(seed)
+        for gr in self.groups:
+            if gr.k_out < gr.out:
+                gr.p_out = torch.randn(gr.out, gr.k_out, generator=g) / math.sqrt(gr.k_out)
+            if gr.k_in < gr.inp:
+                gr.p_in = torch.randn(gr.inp, gr.k_in, generator=g) / math.sqrt(gr.k_in)
+        self.dim = sum(gr.k_out * gr.k_in for gr in self.groups)
+
+    def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example gradients {name: (B, *shape)} -> (B, dim)."""
+        parts = []
+        for gr in self.groups:
+            w = grads[gr.weight]
+            m = w.reshape(w.shape[0], gr.out, -1)
+            if gr.bias:
+                m = torch.cat([m, grads[gr.bias].reshape(w.shape[0], gr.out, 1)], 2)
+            if gr.p_out is not None:
+                m = gr.p_out.T @ m
+            if gr.p_in is not None:
+                m = m @ gr.p_in
+            parts.append(m.reshape(w.shape[0], -1))
+        return torch.cat(parts, 1)
+
+
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """TRAK's model output for classification: log(p_y / (1 - p_y)), computed stably."""
+    correct = logits.gather(-1, y[..., None])[..., 0]
+    others = logits.masked_fill(torch.arange(logits.shape[-1]) == y[..., None], float("-inf"))
+    return correct - torch.logsumexp(others, -1)
+
+
+def margins(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> np.ndarray:
+    """The margin of each example under `module` (what LDS compares against)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(_margin(module(x[i: i + batch_size]).float(), y[i: i + batch_size]))
+    return torch.cat(out).numpy()
+
+
+def _per_example_grads(module: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-example gradients of the margin for parameters `names`, and each example's probability of its label."""
+    params = dict(module.named_parameters())
+    if not isinstance(module, torch.jit.ScriptModule):
+        from torch.func import functional_call, grad, vmap
+
+        chosen = {n: params[n].detach() for n in names}
+        rest = {n: p.detach() for n, p in params.items() if n not in chosen}
+        buffers = dict(module.named_buffers())
+
+        def f(weights, xi, yi):
+            logits = functional_call(module, ({**rest, **weights}, buffers), (xi[None],))
+            return _margin(logits, yi[None]).sum()
+
+        grads = vmap(grad(f), in_dims=(None, 0, 0))(chosen, x, y)
+        with torch.no_grad():
+            probs = torch.softmax(module(x).float(), 1).gather(1, y[:, None])[:, 0]
+        return grads, probs
+    # TorchScript cannot be traced by torch.func: one example at a time through autograd.
+    wanted = [params[n] for n in names]
+    flags = [p.requires_grad for p in wanted]
+    try:
+        for p in wanted:
+            p.requires_grad_(True)
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        probs = []
+        for xi, yi in zip(x, y):
+            logits = module(xi[None]).float()
+            gs = torch.autograd.grad(_margin(logits, yi[None]).sum(), wanted)
+            for n, gi in zip(names, gs):
+                rows[n].append(gi)
+            probs.append(torch.softmax(logits.detach(), 1)[0, yi])
+    finally:
+        for p, flag in zip(wanted, flags):
+            p.requires_grad_(flag)
+    return {n: torch.stack(v) for n, v in rows.items()}, torch.stack(probs)
+
+
+def _exact_layers(module: nn.Module) -> list[nn.Linear] | None:
+    """The Linear layers, when they are the model's only weight layers (then the kernel can be exact)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
+    weighted = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
+    if weighted and all(isinstance(m, nn.Linear) for m in weighted):
+        return weighted
+    return None
+
+
+def _linear_factors(module: nn.Module, layers: list[nn.Linear], x: torch.Tensor, y: torch.Tensor
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-example gradients of Linear layers in factored form: the layer input a (with a 1 for the bias) and
+    the margin's gradient d at the layer output, so that the weight gradient is d a^T. One batched backward:
+    each example's margin depends on its own input only (eval mode)."""
+    inputs, outputs = {}, {}
+
+    def hook(layer, args, out):
+        if args[0].ndim != 2:
+            raise UsageError("exact attribution needs Linear layers on (N, D) inputs; give proj_dim to project")
+        inputs[layer] = args[0].detach()
+        outputs[layer] = out
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)  # so that outputs are in a graph even with frozen weights
+            logits = module(xg).float()
+            # autograd.grad, not backward: nothing accumulates in the parameters' .grad
+            grads = torch.autograd.grad(_margin(logits, y).sum(), [outputs[layer] for layer in layers])
+    finally:
+        for h in handles:
+            h.remove()
+    factors = []
+    for layer, d in zip(layers, grads):
+        a = inputs[layer]
+        if layer.bias is not None:
+            a = torch.cat([a, torch.ones(len(a), 1)], 1)
+        factors += [a, d.detach()]
+    probs = torch.softmax(logits.detach(), 1).gather(1, y[:, None])[:, 0]
+    return factors, probs
+
+
+@dataclass
+class Features:
+    """Per-example gradient features of one model. `exact`: blocks are [a_1, d_1, a_2, d_2, ...] per Linear layer
+    (gradient inner products are sums over layers of (a_i . a_j)(d_i . d_j), with no projection error);
+    otherwise one block, the projected gradients. `weights`: 1 - p_y per example."""
+
+    blocks: list[np.ndarray]
+    weights: np.ndarray
+    exact: bool
+
+    def kernel(self, other: "Features | None" = None) -> np.ndarray:
+        """Gradient inner products (len(other) x len(self)), float64."""
+        other = other or self
+        if not self.exact:
+            return other.blocks[0].astype(np.float64) @ self.blocks[0].T.astype(np.float64)
+        out = 0.0
+        for i in range(0, len(self.blocks), 2):
+            a = other.blocks[i].astype(np.float64) @ self.blocks[i].T.astype(np.float64)
+            d = other.blocks[i + 1].astype(np.float64) @ self.blocks[i + 1].T.astype(np.float64)
+            out = out + a * d
+        return out
+
+    @property
+    def dim(self) -> int:
+        return sum(b.shape[1] for b in self.blocks)
+
+
+def _fingerprint(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: str) -> str:
+    h = hashlib.sha256(f"{FORMAT}:{settings}".encode())
+    for name, p in module.state_dict().items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(p.detach().cpu().float().numpy()).tobytes())
+    h.update(np.ascontiguousarray(x.numpy()).tobytes())
+    h.update(np.ascontiguousarray(y.numpy()).tobytes())
+    return h.hexdigest()
+
+
+def featurize(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, proj_dim: int | None = None, seed: int = 0,
+              batch_size: int = 64, store: str | Path | None = None, progress: Progress | None = None,
+              stop_after: int | None = None) -> Features:
+    """Gradient features of examples (x, y) under `module` (inputs as the module takes them, i.e. normalised).
+
+    `proj_dim=None` (the default) keeps gradients exact when every weight layer is Linear, and projects to 2048
+    otherwise; a number always projects. With `store`, features are written to .npy memmaps in that folder and
+    a later call with the same model, data and settings continues where this one stopped. `stop_after`
+    (batches) interrupts on purpose, for tests of resuming."""
+    module = module.eval()
+    layers = _exact_layers(module) if proj_dim is None else None
+    if layers is not None:
+        widths = []
+        for layer in layers:
+            widths += [layer.in_features + (1 if layer.bias is not None else 0), layer.out_features]
+        settings = "exact"
+    else:
+        projector = Projector(module, proj_dim or 2048, seed=seed)
+        names = [n for gr in projector.groups for n in (gr.weight, gr.bias) if n]
+        widths = [projector.dim]
+        settings = f"projected:{projector.dim}:{seed}"
+    n = len(x)
+    progress = progress or Progress()
+    done = 0
+    if store is not None:
+        store = Path(store)
+        store.mkdir(parents=True, exist_ok=True)
+        fp = _fingerprint(module, x, y, settings)
+        meta_path = store / "metadata.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        if meta is not None and meta.get("fingerprint") != fp:
+            raise UsageError(f"{store} holds features of another model, data or settings; use another folder "
+                             "or delete it.")
+        mode = "r+" if meta is not None else "w+"
+        blocks = [np.lib.format.open_memmap(store / f"block{i}.npy", mode=mode, dtype=np.float32, shape=(n, w))
+                  for i, w in enumerate(widths)]
+        q = np.lib.format.open_memmap(store / "weights.npy", mode=mode, dtype=np.float32, shape=(n,))
+        done = int(meta["rows"]) if meta is not None else 0
+        if meta is None:
+            write_text(meta_path, json.dumps({"fingerprint": fp, "rows": 0, "n": n, "widths": widths}))
+    else:
+        blocks, q = [np.zeros((n, w), np.float32) for w in widths], np.zeros(n, np.float32)
+    progress.start("featurising", math.ceil(n / batch_size))
+    progress.advance(done // batch_size)
+    batches = 0
+    for start in range(done, n, batch_size):
+        if stop_after is not None and batches >= stop_after:
+            raise KeyboardInterrupt("stopped on request")
+        xb, yb = x[start: start + batch_size], y[start: start + batch_size]
+        if layers is not None:
+            parts, probs = _linear_factors(module, layers, xb, yb)
+        else:
+            grads, probs = _per_example_grads(module, names, xb, yb)
+            parts = [projector(grads)]
+        for block, part in zip(blocks, parts):
+            block[start: start + len(xb)] = part.numpy()
+        q[start: start + len(xb)] = (1.0 - probs).numpy()
+        if store is not None:
+            for block in (*blocks, q):
+                block.flush()
+            write_text(store / "metadata.json", json.dumps({"fingerprint": fp, "rows": start + len(xb), "n": n,
+                                                            "widths": widths}))
+        batches += 1
+        progress.advance()
+    progress.finish()
+    return Features([np.asarray(b) for b in blocks], np.asarray(q), layers is not None)
+
+
+class Trak:
+    """TRAK scores from the training features of one or more models, solved in the n x n (dual) form.
+
+    score(target, i) = phi_t (Phi^T W Phi + lambda I)^-1 phi_i * mean(1 - p_i), with W = diag(p_i (1 - p_i)) the
+    Gauss-Newton weights of the logistic margin, computed with the kernel K = Phi Phi^T as
+    (k_t - (k_t w) (w K w + lambda I)^-1 (w K)) / lambda (push-through identity; w = sqrt(W)). `ridge` sets
+    lambda = ridge * trace(w K w) / n, never 0."""
+
+    def __init__(self, train: list[Features], *, ridge: float = 3.0):
+        if ridge <= 0:
+            raise UsageError(f"The 'ridge' parameter must be > 0 (lambda is never 0); got {ridge}.")
+        self.train = train
+        self.weight = np.mean([f.weights for f in train], 0).astype(np.float64)
+        self.lambdas, self._state = [], []
+        for f in train:
+            k = f.kernel()
+            q = f.weights.astype(np.float64)
+            w = np.sqrt(np.clip(q * (1 - q), 0, None))
+            m = w[:, None] * k * w[None]
+            lam = max(ridge * float(np.trace(m)) / len(m), 1e-12)
+            chol = np.linalg.cholesky(m + lam * np.eye(len(m)))
+            self.lambdas.append(lam)
+            self._state.append((k, w, chol))
+
+    def _raw(self, m: int, cross: np.ndarray) -> np.ndarray:
+        """cross (t, n) gradient inner products with the training set -> unweighted scores (t, n)."""
+        k, w, chol = self._state[m]
+        z = np.linalg.solve(chol, (cross * w[None]).T)
+        z = np.linalg.solve(chol.T, z)  # (n, t) = (wKw + lambda I)^-1 (w k_t)
+        return (cross - (z.T * w[None]) @ k) / self.lambdas[m]
+
+    def scores(self, targets: list[Features], *, weighted: bool = True) -> np.ndarray:
+        """(t, n): how much each training example supports each target's margin (positive: proponent)."""
+        if len(targets) != len(self.train):
+            raise UsageError(f"Give target features from each of the {len(self.train)} models; got {len(targets)}.")
+        out = sum(self._raw(m, f.kernel(t)) for m, (f, t) in enumerate(zip(self.train, targets))) / len(targets)
+        return out * self.weight[None] if weighted else out
+
+    def train_on_train(self, *, weighted: bool = False) -> np.ndarray:
+        """(n, n) scores of training examples on each other. Unweighted by default: the (1 - p) weight shrinks
+        confidently fitted examples, poisons included, and hides how they support each other."""
+        return self.scores(self.train, weighted=weighted)
+
+    def self_influence(self, *, weighted: bool = True) -> np.ndarray:
+        """Each training example's score on itself: high for examples the model had to memorise."""
+        total = np.zeros(len(self.weight))
+        for m, (k, w, chol) in enumerate(self._state):
+            z = np.linalg.solve(chol, w[:, None] * k)  # L^-1 (w K)
+            total += (np.diag(k) - (z * z).sum(0)) / self.lambdas[m]
+        out = total / len(self._state)
+        return out * self.weight if weighted else out
+
+
+def evaluate_lds(scores: np.ndarray, train_fn, x_train: torch.Tensor, y_train: torch.Tensor, x_targets: torch.Tensor,
+                 y_targets: torch.Tensor, *, subsets: int = 50, fraction: float = 0.5, seeds: int = 2, seed: int = 0,
+                 progress: Progress | None = None) -> dict:
+    """Linear datamodeling score: retrain on random `fraction` subsets with `train_fn(x, y, seed=...)` (returns a
+    module taking the inputs as given) and correlate (Spearman) the margins predicted by summing the scores over
+    each subset with the measured ones, per target; the mean and its standard error over targets."""
+    n = len(x_train)
+    g = np.random.default_rng(seed)
+    masks = np.zeros((subsets, n), bool)
+    measured = np.zeros((subsets, len(x_targets)))
+    progress = progress or Progress()
+    progress.start("retraining for LDS", subsets * seeds)
+    for s in range(subsets):
+        masks[s, g.choice(n, size=int(round(fraction * n)), replace=False)] = True
+        idx = torch.as_tensor(np.flatnonzero(masks[s]))
+        for r in range(seeds):
+            model = train_fn(x_train[idx], y_train[idx], seed=seed * 100_003 + s * 101 + r)
+            measured[s] += margins(model.eval(), x_targets, y_targets) / seeds
+            progress.advance()
+    progress.finish()
+    return lds_from(scores, masks, measured) | {"subsets": subsets, "seeds": seeds}
+
+
+def lds_from(scores: np.ndarray, masks: np.ndarray, measured: np.ndarray) -> dict:
+    """LDS of `scores` (targets, n) against margins `measured` (subsets, targets) of models trained on `masks`."""
+    predicted = masks.astype(np.float64) @ scores.T
+    rho = np.array([_spearman(predicted[:, t], measured[:, t]) for t in range(scores.shape[0])])
+    ok = np.isfinite(rho)
+    return {"lds": float(rho[ok].mean()), "stderr": float(rho[ok].std() / np.sqrt(max(ok.sum(), 1))),
+            "targets": int(len(rho)), "per_target": rho.tolist()}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks with ties sharing their mean rank."""
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(len(v))
+    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
