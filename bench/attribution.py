@@ -6,14 +6,13 @@ Protocol (the issue's): MLP 784-256-10 (203k parameters), 4,000 training digits,
 ground truth for LDS is 50 random half subsets x 2 retraining seeds, margins of 100 test targets (cached in
 bench/.cache; about two minutes the first time). Featurisation time is per 1,000 training examples at the
 same projection dimension for both libraries; peak memory is the maximum resident set of a child process
-doing only the featurisation.
+doing only the featurisation (model and inputs loaded from a file), before and after it.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import shutil
 import sys
 import tempfile
@@ -85,48 +84,71 @@ def brittle_features(model, x, y, proj_dim):
     return featurize(model, x, y, proj_dim=proj_dim or None, batch_size=100)
 
 
-def traker_features(model, x, y, x_t, y_t, proj_dim, save_dir):
+def traker_scores(models, x, y, x_t, y_t, proj_dim, save_dir):
+    """traker's scores (targets, n) for an ensemble, and its featurisation CPU-s per model."""
     from trak import TRAKer
 
-    t = TRAKer(model=model, task="image_classification", train_set_size=len(x), save_dir=save_dir, device="cpu",
+    t = TRAKer(model=models[0], task="image_classification", train_set_size=len(x), save_dir=save_dir, device="cpu",
                proj_dim=proj_dim, use_half_precision=False, logging_level=40)
-    t.load_checkpoint(model.state_dict(), model_id=0)
-    t0 = time.process_time()
-    for i in range(0, len(x), 100):
-        t.featurize(batch=(x[i: i + 100], y[i: i + 100]), num_samples=len(x[i: i + 100]))
-    cpu = time.process_time() - t0
+    cpu = 0.0
+    for m, model in enumerate(models):
+        t.load_checkpoint(model.state_dict(), model_id=m)
+        t0 = time.process_time()
+        for i in range(0, len(x), 100):
+            t.featurize(batch=(x[i: i + 100], y[i: i + 100]), num_samples=len(x[i: i + 100]))
+        cpu += time.process_time() - t0
     t.finalize_features()
-    t.start_scoring_checkpoint(exp_name="bench", checkpoint=model.state_dict(), model_id=0, num_targets=len(x_t))
-    t.score(batch=(x_t, y_t), num_samples=len(x_t))
-    return t.finalize_scores(exp_name="bench").T, cpu
+    for m, model in enumerate(models):
+        t.start_scoring_checkpoint(exp_name="bench", checkpoint=model.state_dict(), model_id=m, num_targets=len(x_t))
+        t.score(batch=(x_t, y_t), num_samples=len(x_t))
+    return np.asarray(t.finalize_scores(exp_name="bench"), np.float64).T, cpu / len(models)
 
 
-def _child(kind, proj_dim, queue):
+def _child(kind, proj_dim, inputs, queue):
+    """Featurise 1,000 examples and nothing else, so that the peak resident set is the featurisation's."""
     torch.set_num_threads(1)
-    (x, y), _ = split()
-    model = train_mlp(x, y, seed=0)
-    x1, y1 = x[:1000], y[:1000]
+    saved = torch.load(inputs, weights_only=True)
+    model = MLP()
+    model.load_state_dict(saved["state"])
+    model.eval()
+    x1, y1 = saved["x"], saved["y"]
+    before = _peak_mb()
     t0 = time.process_time()
     if kind == "brittle":
         brittle_features(model, x1, y1, proj_dim)
-    elif kind == "brittle-exact":
-        brittle_features(model, x1, y1, 0)
+    elif kind == "brittle-vmap":
+        # the generic path (convolutions, TorchScript): per-example gradients with torch.func, then projected
+        from brittle.attribution import Projector, _per_example_grads
+
+        projector = Projector(model, proj_dim)
+        names = [n for gr in projector.groups for n in (gr.weight, gr.bias) if n]
+        for i in range(0, len(x1), 100):
+            projector(_per_example_grads(model, names, x1[i: i + 100], y1[i: i + 100])[0])
     else:
         from trak import TRAKer
 
         with tempfile.TemporaryDirectory() as d:
-            t = TRAKer(model=model, task="image_classification", train_set_size=1000, save_dir=d, device="cpu",
+            t = TRAKer(model=model, task="image_classification", train_set_size=len(x1), save_dir=d, device="cpu",
                        proj_dim=proj_dim, use_half_precision=False, logging_level=40)
             t.load_checkpoint(model.state_dict(), model_id=0)
-            for i in range(0, 1000, 100):
+            for i in range(0, len(x1), 100):
                 t.featurize(batch=(x1[i: i + 100], y1[i: i + 100]), num_samples=100)
-    queue.put((time.process_time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    queue.put((time.process_time() - t0, before, _peak_mb()))
 
 
-def measure(kind, proj_dim):
+def _peak_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the parent
+    across fork + exec, so a spawned child would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(kind, proj_dim, inputs):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(kind, proj_dim, q))
+    p = ctx.Process(target=_child, args=(kind, proj_dim, inputs, q))
     p.start()
     out = q.get()
     p.join()
@@ -139,6 +161,7 @@ def main():
     ap.add_argument("--ridges", default="3")
     ap.add_argument("--dims", default="0,512,2048", help="projection dimensions; 0 = exact gradients (the default)")
     ap.add_argument("--models", type=int, default=5)
+    ap.add_argument("--memory-only", action="store_true", help="only the featurisation time and memory table")
     args = ap.parse_args()
     torch.set_num_threads(1)
     (x, y), (x_test, y_test) = split()
@@ -149,7 +172,7 @@ def main():
     dims = [int(d) for d in args.dims.split(",")]
     ridges = [float(r) for r in args.ridges.split(",")]
     rows = []
-    for p in dims:
+    for p in ([] if args.memory_only else dims):
         feats, tfeats, secs = [], [], []
         for m in models:
             t0 = time.process_time()
@@ -164,24 +187,30 @@ def main():
                 rows.append(("brittle", p or "exact", ridge, k, *lds(scores, masks, measured),
                              np.mean(secs) / len(x) * 1000, solve))
         if not args.skip_peers and p:
-            d = tempfile.mkdtemp()
-            try:
-                t0 = time.process_time()
-                sc, cpu = traker_features(models[0], x, y, x_t, y_t, p, d)
-                total = time.process_time() - t0
-                rows.append(("traker 0.3.2", p, 0.0, 1, *lds(np.asarray(sc, np.float64), masks, measured),
-                             cpu / len(x) * 1000, total - cpu))
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
+            for k in sorted({1, len(models)}):
+                d = tempfile.mkdtemp()
+                try:
+                    t0 = time.process_time()
+                    sc, cpu = traker_scores(models[:k], x, y, x_t, y_t, p, d)
+                    total = time.process_time() - t0
+                    rows.append(("traker 0.3.2", p, 0.0, k, *lds(sc, masks, measured), cpu / len(x) * 1000,
+                                 total - cpu * k))
+                finally:
+                    shutil.rmtree(d, ignore_errors=True)
     print("\n| library | proj dim | ridge | models | LDS | stderr | featurise CPU-s per 1,000 | scoring CPU-s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:g} | {r[3]} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.2f} | {r[7]:.1f} |")
-    print("\nFeaturisation of 1,000 examples in a fresh process (one thread): CPU-s and peak RSS (MB)")
-    for p in [d for d in dims if d]:
-        for kind in (["brittle"] + ([] if args.skip_peers else ["traker"])):
-            cpu, rss = measure(kind, p)
-            print(f"  {kind:8s} p={p}: {cpu:.2f} CPU-s, peak RSS {rss:.0f} MB")
+    print("\nFeaturisation of 1,000 examples in a fresh process (one thread): CPU-s, peak RSS before and after (MB)")
+    with tempfile.TemporaryDirectory() as d:
+        inputs = Path(d) / "inputs.pt"
+        torch.save({"state": models[0].state_dict(), "x": x[:1000], "y": y[:1000]}, inputs)
+        for p in dims:
+            kinds = ["brittle"] + (["brittle-vmap"] if p else []) + ([] if args.skip_peers or not p else ["traker"])
+            for kind in kinds:
+                cpu, before, after = measure(kind, p, inputs)
+                print(f"  {kind:12s} p={p or 'exact'}: {cpu:.2f} CPU-s, peak RSS {before:.0f} -> {after:.0f} MB "
+                      f"(+{after - before:.0f})")
 
 
 if __name__ == "__main__":

@@ -70,3 +70,9 @@ def files(tmp_path, tiny_model, blobs):
     data_path = tmp_path / "data.npz"
     np.savez(data_path, x=x, y=y)
     return model_path, data_path
+
+
+def train_tiny_for_lds(x, y, *, seed: int):
+    """A training function for `brittle attribute --evaluate-lds` (tests.conftest:train_tiny_for_lds). The same
+    initial weights every time (full-batch training is then deterministic): margins move only with the subset."""
+    return train_tiny(x.numpy(), y.numpy(), steps=100, seed=0)

@@ -15,9 +15,10 @@ from .runner import audit
 from .calibrate import calibrate
 from .drift import monitor
 from .label_free import estimate as estimate_accuracy
+from .attribution import attribute
 
 __all__ = [
     "AuditConfig", "AuditResult", "BrittleError", "CheckResult", "Dataset", "Finding", "InputError", "ModelAdapter",
-    "ModelSpec", "SCHEMA_VERSION", "UsageError", "__version__", "audit", "calibrate", "load_config", "load_data",
-    "load_model", "monitor", "estimate_accuracy",
+    "ModelSpec", "SCHEMA_VERSION", "UsageError", "__version__", "attribute", "audit", "calibrate", "estimate_accuracy",
+    "load_config", "load_data", "load_model", "monitor",
 ]

@@ -10,13 +10,13 @@ What differs from the reference library (traker 0.3.2), for CPU:
   gradient at the output times the input), so gradient inner products are sums over layers of
   (a_i . a_j)(d_i . d_j): the kernel is exact, with no projection error, from one batched backward, and the
   scores are solved in the n x n form. On the benchmark this is what lifts LDS (docs/benchmarks.md).
-- **Factored projection otherwise** (convolutions, TorchScript). A weight's per-example gradient is a matrix G (out x in, the bias as one more
-  column). We project it as P_out^T G P_in with two small Gaussian matrices (k_out x k_in numbers), which
+- **Factored projection otherwise** (convolutions, TorchScript). A weight's per-example gradient is a matrix G
+  (out x in, the bias as one more column). We project it as P_out^T G P_in with two small Gaussian matrices (k_out x k_in numbers), which
   preserves inner products in expectation like a dense Gaussian projection (E[(A (x) B)^T (A (x) B)] = I) but
   costs O(out * in * k_in) per example instead of O(out * in * p), with nothing regenerated per batch
   (LoGra, Choe et al. 2024, makes the same choice). Small layers are kept exactly. float32 throughout.
-- **lambda is never 0.** lambda = ridge * trace(Phi^T Phi) / p: scale-free, so the same `ridge` suits
-  any model; traker's default 0 returns noise when p reaches the number of training examples.
+- **lambda is never 0.** lambda = ridge * the mean eigenvalue of the weighted kernel: scale-free, so the same
+  `ridge` suits any model; traker's default 0 returns noise when p reaches the number of training examples.
 - **Memory-mapped, resumable featurisation**: features go to .npy memmaps in a folder with a fingerprint
   of the model, data and settings; an interrupted run continues from the last finished batch.
 Parameters of layers without a weight matrix (BatchNorm, LayerNorm scales) are left out of the gradient.
@@ -38,7 +38,7 @@ from ._atomic import write_text
 from ._progress import Progress
 from .errors import UsageError
 
-__all__ = ["Features", "Projector", "Trak", "evaluate_lds", "featurize", "lds_from", "margins"]
+__all__ = ["Attribution", "Features", "Projector", "Trak", "attribute", "evaluate_lds", "featurize", "lds_from", "margins"]
 
 FORMAT = 1
 
@@ -97,6 +97,16 @@ class Projector:
             if gr.k_in < gr.inp:
                 gr.p_in = torch.randn(gr.inp, gr.k_in, generator=g) / math.sqrt(gr.k_in)
         self.dim = sum(gr.k_out * gr.k_in for gr in self.groups)
+
+    def project_factors(self, factors: list[torch.Tensor]) -> torch.Tensor:
+        """The same projection from Linear layers' factors [a_1, d_1, a_2, d_2, ...] (gradient d a^T), in layer
+        order: P_out^T (d a^T) P_in = (P_out^T d)(P_in^T a)^T, without forming any gradient."""
+        parts = []
+        for gr, a, d in zip(self.groups, factors[0::2], factors[1::2]):
+            left = d @ gr.p_out if gr.p_out is not None else d
+            right = a @ gr.p_in if gr.p_in is not None else a
+            parts.append((left[:, :, None] * right[:, None, :]).reshape(len(a), -1))
+        return torch.cat(parts, 1)
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-example gradients {name: (B, *shape)} -> (B, dim)."""
@@ -259,7 +269,8 @@ def featurize(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, proj_dim: 
     a later call with the same model, data and settings continues where this one stopped. `stop_after`
     (batches) interrupts on purpose, for tests of resuming."""
     module = module.eval()
-    layers = _exact_layers(module) if proj_dim is None else None
+    linear = _exact_layers(module)  # Linear-only: per-example gradients need never be materialised
+    layers = linear if proj_dim is None else None
     if layers is not None:
         widths = []
         for layer in layers:
@@ -300,6 +311,9 @@ def featurize(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, proj_dim: 
         xb, yb = x[start: start + batch_size], y[start: start + batch_size]
         if layers is not None:
             parts, probs = _linear_factors(module, layers, xb, yb)
+        elif linear is not None:
+            factors, probs = _linear_factors(module, linear, xb, yb)
+            parts = [projector.project_factors(factors)]
         else:
             grads, probs = _per_example_grads(module, names, xb, yb)
             parts = [projector(grads)]
@@ -417,3 +431,83 @@ def _ranks(v: np.ndarray) -> np.ndarray:
     _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
     sums = np.bincount(inverse, weights=ranks)
     return sums[inverse] / counts[inverse]
+
+
+@dataclass
+class Attribution:
+    """TRAK results for targets against a training set. Rows of `scores` are targets, columns training examples
+    (positions in the training file in `train_positions`)."""
+
+    scores: np.ndarray
+    self_influence: np.ndarray
+    target_positions: np.ndarray
+    train_positions: np.ndarray
+    lambdas: list[float]
+    exact: bool
+    dim: int
+    trak: "Trak | None" = None
+
+    def top(self, target: int, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Row indices of the k strongest proponents and the k strongest opponents of target row `target`."""
+        order = np.argsort(self.scores[target])
+        return order[::-1][:k], order[:k]
+
+    def summary(self, k: int = 5, *, self_top: int = 20) -> dict:
+        tops = []
+        for t in range(len(self.scores)):
+            pro, con = self.top(t, k)
+            tops.append({"target": int(self.target_positions[t]),
+                         "proponents": self.train_positions[pro].tolist(),
+                         "proponent_scores": self.scores[t, pro].tolist(),
+                         "opponents": self.train_positions[con].tolist(),
+                         "opponent_scores": self.scores[t, con].tolist()})
+        order = np.argsort(self.self_influence)[::-1][:self_top]
+        return {"exact_gradients": self.exact, "dim": self.dim, "lambdas": self.lambdas, "targets": tops,
+                "self_influence_top": self.train_positions[order].tolist(),
+                "self_influence_top_scores": self.self_influence[order].tolist()}
+
+
+def attribute(model, train_data, data, *, other_models=(), targets: int | list[int] | None = 100,
+              proj_dim: int | None = None, ridge: float = 3.0, store: str | Path | None = None,
+              batch_size: int = 64, progress: Progress | None = None, config=None) -> Attribution:
+    """TRAK attribution of `data`'s predictions (the first `targets` examples, or those positions) to
+    `train_data` (labelled). `model`, data: what `brittle.audit` takes; `other_models`: more models or checkpoints
+    of the same classes and input domain for the ensemble. With `store`, features are kept in that folder and
+    an interrupted run continues there."""
+    from .runner import _as_config, prepare_data, prepare_model, prepare_other_model
+
+    cfg = _as_config(config)
+    first = prepare_model(model, cfg)
+    train = prepare_data(train_data, first, cfg, role="train_data", subsample=False)
+    test = prepare_data(data, first, cfg, role="data", subsample=False)
+    adapters = [first] + [prepare_other_model(o, cfg, like=first, x_example=train.x) for o in other_models]
+    if train.y is None or test.y is None:
+        raise UsageError("Attribution needs labels in the training data and in the data to explain "
+                         "(the margin of the labelled class is what is attributed).")
+    if isinstance(targets, int) or targets is None:
+        rows = np.arange(min(targets or len(test), len(test)))
+    else:
+        rows = np.asarray(targets, dtype=np.int64)
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= len(test):
+            raise UsageError(f"Target positions must be in [0, {len(test)}); got {targets}.")
+    return attribute_prepared(adapters, train, test.subset(rows), proj_dim=proj_dim, ridge=ridge, store=store,
+                              batch_size=batch_size, progress=progress)
+
+
+def attribute_prepared(adapters, train, targets, *, proj_dim=None, ridge=3.0, store=None, batch_size=64,
+                       progress=None, seed: int = 0) -> Attribution:
+    """The work of `attribute` on prepared adapters and datasets (the `attribution` check calls this)."""
+    for a in adapters:
+        if a.module is None:
+            raise UsageError(f"{a.name} is a black-box model: attribution needs its weights' gradients "
+                             "(TorchScript, .pt2 or a factory with weights).")
+    feats, tfeats = [], []
+    for m, a in enumerate(adapters):
+        sub = None if store is None else Path(store) / f"model_{m}"
+        feats.append(featurize(a.module, a.normalise(train.x), train.y, proj_dim=proj_dim, seed=seed + m,
+                               batch_size=batch_size, store=sub, progress=progress))
+        tfeats.append(featurize(a.module, a.normalise(targets.x), targets.y, proj_dim=proj_dim, seed=seed + m,
+                                batch_size=batch_size))
+    trak = Trak(feats, ridge=ridge)
+    return Attribution(trak.scores(tfeats), trak.self_influence(), targets.positions(np.arange(len(targets))),
+                       train.positions(np.arange(len(train))), trak.lambdas, feats[0].exact, feats[0].dim, trak)

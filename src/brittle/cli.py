@@ -63,6 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the result as JSON here (it is printed too)")
     _common(e)
 
+    t = sub.add_parser("attribute", help="trace predictions back to the training examples that drive them (TRAK)")
+    _model_and_data(t)
+    t.add_argument("--train-data", required=True, help="the labelled training set")
+    t.add_argument("--out", required=True, help="output folder: attribution.json, scores.npy, features (resumable)")
+    t.add_argument("--other-model", action="append", default=[],
+                   help="another model or checkpoint of the same classes for the ensemble (repeat for more)")
+    t.add_argument("--targets", type=int, default=100, help="explain the first N examples of --data (default 100)")
+    t.add_argument("--proj-dim", type=int, help="project gradients to this many numbers (default: exact gradients "
+                                                "for Linear-only models, 2048 otherwise)")
+    t.add_argument("--ridge", type=float, default=3.0, help="lambda relative to the kernel's mean eigenvalue (> 0)")
+    t.add_argument("--evaluate-lds", action="store_true",
+                   help="retrain on random half subsets with --train-fn and report the linear datamodeling score")
+    t.add_argument("--train-fn", help="package.module:function, called as fn(x, y, seed=...) -> trained nn.Module")
+    t.add_argument("--subsets", type=int, default=50, help="half subsets for --evaluate-lds (default 50)")
+    t.add_argument("--seeds", type=int, default=2, help="retraining seeds per subset (default 2)")
+    _common(t)
+
     m = sub.add_parser("monitor", help="two-sample drift tests of a new batch against reference data (exit 1: drift)")
     _model_args(m)
     m.add_argument("--reference", required=True, help="data the model was validated on (labels not needed)")
@@ -205,6 +222,52 @@ def _cmd_estimate(args, progress: Progress) -> int:
     return EXIT_PASS
 
 
+def _cmd_attribute(args, progress: Progress) -> int:
+    import io
+
+    import numpy as np
+
+    from ._atomic import write_bytes, write_text
+    from .attribution import attribute, evaluate_lds
+
+    if args.evaluate_lds and not args.train_fn:
+        raise UsageError("--evaluate-lds retrains the model: give --train-fn package.module:function, called as "
+                         "fn(x, y, seed=...) and returning the trained nn.Module.")
+    if args.targets < 1:
+        raise UsageError(f"The '--targets' option must be >= 1; got {args.targets}.")
+    cfg = _config_from_args(args)
+    out = Path(args.out)
+    result = attribute(None, args.train_data, args.data, other_models=args.other_model, targets=args.targets,
+                       proj_dim=args.proj_dim, ridge=args.ridge, store=out / "features", progress=progress, config=cfg)
+    summary = result.summary()
+    if args.evaluate_lds:
+        from .loading.models import import_callable
+        from .runner import prepare_data, prepare_model
+
+        train_fn = import_callable(args.train_fn, "train function", "it must train and return an nn.Module")
+        adapter = prepare_model(None, cfg)
+        train = prepare_data(args.train_data, adapter, cfg, role="train_data", subsample=False)
+        test = prepare_data(args.data, adapter, cfg, role="data", subsample=False).subset(np.arange(len(result.scores)))
+        lds = evaluate_lds(result.scores, train_fn, train.x, train.y, test.x, test.y, subsets=args.subsets,
+                           seeds=args.seeds, progress=progress)
+        summary["lds"] = {k: v for k, v in lds.items() if k != "per_target"}
+    buf = io.BytesIO()
+    np.save(buf, result.scores.astype(np.float32))
+    write_bytes(out / "scores.npy", buf.getvalue())
+    write_text(out / "attribution.json", json.dumps(summary, indent=2))
+    if not args.quiet:
+        first = summary["targets"][0]
+        print(f"attributed {len(result.scores)} targets to {len(result.train_positions)} training examples "
+              f"({'exact gradients' if result.exact else f'projected to {result.dim}'}, lambda "
+              f"{result.lambdas[0]:.3g}); e.g. data #{first['target']}: top proponents {first['proponents'][:3]}, "
+              f"top opponents {first['opponents'][:3]}")
+        if "lds" in summary:
+            print(f"linear datamodeling score {summary['lds']['lds']:.3f} +/- {summary['lds']['stderr']:.3f} "
+                  f"({args.subsets} subsets x {args.seeds} seeds)")
+        print(f"wrote {out / 'attribution.json'} and {out / 'scores.npy'} (rows: targets, columns: training examples)")
+    return EXIT_PASS
+
+
 def _cmd_checks(args, progress: Progress) -> int:
     from .checks import REGISTRY, available_checks
 
@@ -223,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     handlers = {"audit": _cmd_audit, "report": _cmd_report, "demo": _cmd_demo, "checks": _cmd_checks,
                 "calibrate": _cmd_calibrate, "monitor": _cmd_monitor,
-                "estimate": _cmd_estimate}
+                "estimate": _cmd_estimate, "attribute": _cmd_attribute}
     try:
         return handlers[args.command](args, progress)
     except BrittleError as exc:

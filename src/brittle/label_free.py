@@ -170,27 +170,16 @@ def estimate(model, source, target, *, other_models=(), config=None) -> Accuracy
     models of the same classes and input domain (paths or modules); with them, agreement-based estimates join.
     """
     from .errors import UsageError
-    from .runner import _as_config, prepare_data, prepare_model
+    from .runner import _as_config, prepare_data, prepare_model, prepare_other_model
 
     cfg = _as_config(config)
-    spec = cfg.model
-    adapters = [prepare_model(model, cfg)]
-    for other in other_models:
-        if isinstance(other, str) or hasattr(other, "__fspath__"):
-            adapters.append(prepare_model(None, cfg.model_copy(update={"model": spec.model_copy(
-                update={"path": str(other), "factory": None, "weights": None})})))
-        else:
-            adapters.append(prepare_model(other, cfg))
-    src = prepare_data(source, adapters[0], cfg, role="source", subsample=False)
-    tgt = prepare_data(target, adapters[0], cfg, role="target", subsample=False)
+    first = prepare_model(model, cfg)
+    src = prepare_data(source, first, cfg, role="source", subsample=False)
+    tgt = prepare_data(target, first, cfg, role="target", subsample=False)
     if src.y is None:
         raise UsageError(f"The source data {src.source} has no labels: the estimators are fitted on labelled "
                          "validation data.")
-    for a in adapters[1:]:
-        a.bind(src.x, source=a.name)
-        if a.num_classes != adapters[0].num_classes:
-            raise UsageError(f"{a.name} has {a.num_classes} outputs and the audited model {adapters[0].num_classes}: "
-                             "other models must classify the same classes.")
+    adapters = [first] + [prepare_other_model(o, cfg, like=first, x_example=src.x) for o in other_models]
     fit = fit_source([a.logits(src.x).numpy() for a in adapters], src.y.numpy(), num_classes=adapters[0].num_classes)
     target_logits = [a.logits(tgt.x).numpy() for a in adapters]
     result = estimate_accuracy(fit, target_logits)

@@ -128,6 +128,20 @@ def prepare_model(model, cfg: AuditConfig) -> ModelAdapter:
     raise UsageError(f"model must be an nn.Module, a ModelAdapter or a path; got {type(model).__name__}.")
 
 
+def prepare_other_model(other, cfg: AuditConfig, *, like: ModelAdapter, x_example: torch.Tensor) -> ModelAdapter:
+    """Another model (a module, adapter or file) in the same input domain as `like`, checked to classify the same
+    classes: the other members of an ensemble, the reference of a comparison."""
+    if isinstance(other, (str, Path)):
+        spec = cfg.model.model_copy(update={"path": str(other), "factory": None, "weights": None})
+        other = load_model(spec)
+    adapter = prepare_model(other, cfg)
+    adapter.bind(x_example[:2], source=adapter.name)
+    if adapter.num_classes != like.num_classes:
+        raise UsageError(f"{adapter.name} has {adapter.num_classes} outputs and {like.name} {like.num_classes}: the "
+                         "models must classify the same classes.")
+    return adapter
+
+
 def prepare_data(data, adapter: ModelAdapter, cfg: AuditConfig, *, role: str, subsample: bool = True) -> Dataset:
     if isinstance(data, Dataset):
         ds = Dataset(data.x, data.y, data.source, data.class_names, data.indices)  # never mutate the caller's

@@ -26,7 +26,7 @@ from ..model import ModelAdapter
 from ..result import CheckResult, Finding
 
 __all__ = ["Check", "Needs", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "get_check", "status_from_findings", "shard_seed",
-           "missing_packages", "DATA_EXTRA"]
+           "missing_packages", "DATA_EXTRA", "load_other_model"]
 
 REGISTRY: dict[str, type["Check"]] = {}
 _ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -106,6 +106,23 @@ def missing_packages(packages: dict[str, str], install: str = DATA_EXTRA) -> str
 
     absent = [name for module, name in packages.items() if find_spec(module) is None]
     return f"needs {' and '.join(absent)}: {install}" if absent else None
+
+
+def load_other_model(path: str, ctx: AuditContext):
+    """Another model file in the audited model's input domain (bounds, normalisation, batch size)."""
+    from ..loading.models import ModelSpec, load_model
+
+    m = ctx.model
+    mean = None if m.mean is None else [float(v) for v in np.ravel(m.mean)]
+    std = None if m.std is None else [float(v) for v in np.ravel(m.std)]
+    other = load_model(ModelSpec(path=path, bounds=m.bounds, mean=mean, std=std, batch_size=m.batch_size))
+    other.bind(ctx.data.x[:2], source=path)
+    if other.num_classes != m.num_classes:
+        from ..errors import UsageError
+
+        raise UsageError(f"{path} has {other.num_classes} outputs and the audited model {m.num_classes}: other "
+                         "models given to a check must classify the same classes.")
+    return other
 
 
 def status_from_findings(findings: list[Finding]) -> str:

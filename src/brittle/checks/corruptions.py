@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 from ..corruptions import TABULAR, corrupt, corrupt_tabular, corruption_names
 from ..label_free import estimate_accuracy, fit_source
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, status_from_findings
+from .base import AuditContext, Check, CheckOptions, Needs, load_other_model, status_from_findings
 
 
 class CorruptionsOptions(CheckOptions):
@@ -74,8 +74,8 @@ class Corruptions(Check):
         idx = np.sort(g.choice(len(ctx.data), size=min(o.max_samples, len(ctx.data)), replace=False))
         x, y = ctx.data.x[torch.as_tensor(idx)], ctx.data.y[torch.as_tensor(idx)].numpy()
         names = self._names(x)
-        others = [_load_like(p, ctx) for p in o.other_models]
-        reference = _load_like(o.reference_model, ctx) if o.reference_model else None
+        others = [load_other_model(p, ctx) for p in o.other_models]
+        reference = load_other_model(o.reference_model, ctx) if o.reference_model else None
         models = [ctx.model] + others + ([reference] if reference else [])
         low, high = ctx.model.bounds
         span = high - low
@@ -164,19 +164,3 @@ class Corruptions(Check):
                  + low)[0].numpy() for n in names])
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
 
-
-def _load_like(path: str, ctx: AuditContext):
-    """Another model file in the audited model's input domain (bounds, normalisation, batch size)."""
-    from ..loading.models import ModelSpec, load_model
-
-    m = ctx.model
-    mean = None if m.mean is None else [float(v) for v in np.ravel(m.mean)]
-    std = None if m.std is None else [float(v) for v in np.ravel(m.std)]
-    other = load_model(ModelSpec(path=path, bounds=m.bounds, mean=mean, std=std, batch_size=m.batch_size))
-    other.bind(ctx.data.x[:2], source=path)
-    if other.num_classes != m.num_classes:
-        from ..errors import UsageError
-
-        raise UsageError(f"{path} has {other.num_classes} outputs and the audited model {m.num_classes}: the other "
-                         "models of the corruptions check must classify the same classes.")
-    return other

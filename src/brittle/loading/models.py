@@ -87,6 +87,22 @@ def load_model(spec: ModelSpec | str, **overrides: Any) -> ModelAdapter:
     return ModelAdapter(_load_torchscript(path), name=path.name, source_fingerprint=fp, **common)
 
 
+def import_callable(target: str, role: str, purpose: str):
+    """The function named by 'package.module:function' (user code the user named: importing it runs it)."""
+    mod_name, _, attr = target.partition(":")
+    if not mod_name or not attr:
+        raise UsageError(f"The {role} must look like 'package.module:function'; got {target!r}.")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise UsageError(f"Cannot import module {mod_name!r} for the {role} {target!r}: {exc}. "
+                         "Make sure the package is installed or on PYTHONPATH.") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UsageError(f"{mod_name!r} has no callable {attr!r}; {purpose}.")
+    return fn
+
+
 def _looks_like_factory(text: str) -> bool:
     return ":" in text and not Path(text).exists() and "/" not in text.split(":", 1)[0]
 
@@ -119,17 +135,7 @@ def _load_exported(path: Path) -> torch.nn.Module:
 
 def _load_factory(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
     target = spec.factory or ""
-    mod_name, _, attr = target.partition(":")
-    if not mod_name or not attr:
-        raise UsageError(f"The factory must look like 'package.module:function'; got {target!r}.")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise UsageError(f"Cannot import module {mod_name!r} for the factory {target!r}: {exc}. "
-                         "Make sure the package is installed or on PYTHONPATH.") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise UsageError(f"{mod_name!r} has no callable {attr!r}; the factory must build an nn.Module.")
+    factory = import_callable(target, "factory", "the factory must build an nn.Module")
     if not spec.weights:
         raise UsageError(f"The factory {target!r} needs weights: pass --weights FILE (.pt state dict or .safetensors).")
     state = load_state_dict(Path(spec.weights))

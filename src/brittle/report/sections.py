@@ -267,6 +267,55 @@ def _corruptions(r: CheckResult, audit: AuditResult) -> str:
     return "".join(out)
 
 
+@section_renderer("attribution")
+def _attribution(r: CheckResult, audit: AuditResult) -> str:
+    d, a = r.details, r.arrays
+    names = d.get("class_names") or []
+    label = _class_label(names)
+    out = [f'<p class="meta">TRAK over {d.get("train_examples")} training examples, {d.get("models")} model(s), '
+           f'{"exact gradients" if d.get("exact_gradients") else "gradients projected to " + str(d.get("dim"))}; '
+           f'{d.get("error_targets", 0)} of the {r.metrics.get("targets", 0)} explained audit points are errors.</p>']
+    tops = d.get("targets") or []
+    if "target_image" in a:
+        for t in range(len(a["target_image"])):
+            info = tops[t]
+            out += _gallery(f"Audit #{info['target']} (label {label(info['label'])}, predicted "
+                            f"{label(info['prediction'])}): itself, its top proponents, its top opponents",
+                            [a["target_image"][t], *a["proponent_image"][t], *a["opponent_image"][t]],
+                            ["audit input"] + [f"for: train #{p}" for p in info["proponents"][:3]]
+                            + [f"against: train #{p}" for p in info["opponents"][:3]], audit)
+    if "self_image" in a:
+        out += _gallery("Highest self-influence: training examples the model had to memorise", a["self_image"],
+                        [f"train #{p}, labelled {label(int(lab))}" for p, lab in
+                         zip(d.get("self_influence_top", []), a["self_label"])], audit)
+    return "".join(out)
+
+
+@section_renderer("certified")
+def _certified(r: CheckResult, audit: AuditResult) -> str:
+    d, m = r.details, r.metrics
+    curve = d.get("curve") or {}
+    if not curve.get("eps"):
+        return ""
+    by = d.get("certified_by") or {}
+    out = [f'<p class="meta">{d.get("points")} points, {escape(str(d.get("norm")))} eps {d.get("eps"):g}: '
+           f'certified {m.get("certified_accuracy", 0):.1%} (a lower bound on robust accuracy), empirical '
+           f'{m.get("empirical_robust_accuracy", 0):.1%} (an upper bound), unknown {m.get("unknown_share", 0):.1%}. '
+           "Cascade per point: " + ", ".join(f"{escape(k)} settled {v}" for k, v in by.items()) + ".</p>",
+           "<h4>Certified vs empirical robust accuracy across eps</h4>",
+           line_chart(curve["eps"], {"empirical (attacks)": curve["empirical"], "certified": curve["certified"]},
+                      xlabel="eps", title="certified vs empirical robust accuracy")]
+    sm = d.get("smoothing")
+    if sm:
+        out += [f"<h4>Randomized smoothing (sigma {sm['sigma']:g}, n {sm['n']}, alpha {sm['alpha']:g}): share of "
+                f"points certified at each L2 radius</h4>",
+                f'<p class="meta">{sm["points"]} points; {sm["abstain_share"]:.0%} abstain. The smoothed model is '
+                "a different classifier from the audited one.</p>",
+                line_chart(sm["radius_grid"], {"certified": sm["certified_at_radius"]}, xlabel="L2 radius",
+                           title="smoothing certified radius curve")]
+    return "".join(out)
+
+
 @section_renderer("label_errors")
 def _label_errors(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays
