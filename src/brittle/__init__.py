@@ -16,9 +16,10 @@ from .calibrate import calibrate
 from .drift import monitor
 from .label_free import estimate as estimate_accuracy
 from .attribution import attribute
+from .training import TrainConfig, train
 
 __all__ = [
     "AuditConfig", "AuditResult", "BrittleError", "CheckResult", "Dataset", "Finding", "InputError", "ModelAdapter",
-    "ModelSpec", "SCHEMA_VERSION", "UsageError", "__version__", "attribute", "audit", "calibrate", "estimate_accuracy",
-    "load_config", "load_data", "load_model", "monitor",
+    "ModelSpec", "SCHEMA_VERSION", "TrainConfig", "UsageError", "__version__", "attribute", "audit", "calibrate",
+    "estimate_accuracy", "load_config", "load_data", "load_model", "monitor", "train",
 ]

@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["Network", "network_from", "ibp_margins", "crown_margins", "alpha_crown_margins", "input_box"]
+__all__ = ["Network", "network_from", "network_from_module", "ibp_margins", "crown_margins", "alpha_crown_margins", "input_box"]
 
 _LINEAR = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
            nn.Flatten)
@@ -104,15 +104,20 @@ def network_from(adapter) -> Network:
     module = adapter.module
     if module is None:
         raise UsageError(f"{adapter.name} is a black-box model: certification needs its layers.")
-    chain = _flatten_chain(module)
-    layers: list[tuple[str, nn.Module | None]] = []
     d = adapter._domain
-    if d.mean is not None:
-        layers.append(("affine", _Normalise(d.mean, d.std)))
-    for m in chain:
+    return network_from_module(module, d.mean, d.std)
+
+
+def network_from_module(module: nn.Module, mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+                        *, allow_training_mode: bool = False) -> Network:
+    """A module as a chain of layers (after an optional per-channel normalisation)."""
+    layers: list[tuple[str, nn.Module | None]] = []
+    if mean is not None:
+        layers.append(("affine", _Normalise(mean, std)))
+    for m in _flatten_chain(module):
         if isinstance(m, _NOOP):
             continue
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training:
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training and not allow_training_mode:
             raise UsageError("BatchNorm must be in eval mode for certification.")
         layers.append(("relu", None) if isinstance(m, nn.ReLU) else ("affine", m))
     return Network(layers)
@@ -135,13 +140,12 @@ def _spec(y: torch.Tensor, k: int) -> torch.Tensor:
 def _affine_interval(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     centre, radius = (hi + lo) / 2, (hi - lo) / 2
     c = m(centre)
-    # |L| r: the absolute-valued linear part applied to the radius, by a vjp-free trick for positive maps:
-    # r' = |L| r is computed as the linear part of `m` with absolute weights.
-    r = _abs_linear(m)(radius)
+    r = _abs_linear(m)(radius)  # |L| r: the layer's linear part with absolute weights, on the radius
     return c - r, c + r
 
 
 def _abs_linear(m: nn.Module):
+    """The map r -> |L| r of an affine layer's linear part L."""
     if isinstance(m, nn.Linear):
         return lambda r: r @ m.weight.abs().T
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
@@ -167,9 +171,11 @@ def _interval_through(net: Network, lo: torch.Tensor, hi: torch.Tensor, upto: in
     return out
 
 
-def ibp_margins(net: Network, x: torch.Tensor, y: torch.Tensor, eps: float, bounds) -> torch.Tensor:
-    """Lower bounds (B, K-1) on the margins z_y - z_j over the Linf ball (interval arithmetic)."""
-    with torch.no_grad():
+def ibp_margins(net: Network, x: torch.Tensor, y: torch.Tensor, eps: float, bounds, *,
+                differentiable: bool = False) -> torch.Tensor:
+    """Lower bounds (B, K-1) on the margins z_y - z_j over the Linf ball (interval arithmetic).
+    `differentiable`: keep the graph, for IBP training."""
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         lo, hi = input_box(x, eps, bounds)
         lo, hi = _interval_through(net, lo, hi)[-1]
         c = _spec(y, lo.shape[1])

@@ -80,6 +80,25 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seeds", type=int, default=2, help="retraining seeds per subset (default 2)")
     _common(t)
 
+    r = sub.add_parser("train", help="train a model from a factory: standard, PGD, TRADES, IBP or noise training")
+    r.add_argument("--model", required=True, help="the factory, package.module:function (called with --factory-kwargs)")
+    r.add_argument("--factory-kwargs", help="JSON object of keyword arguments for the factory")
+    r.add_argument("--data", required=True, help="the labelled training data (.npz, .pt, .csv, image folder)")
+    r.add_argument("--out", required=True, help="output folder: weights.pt, model.json, checkpoint.pt")
+    r.add_argument("--method", choices=["standard", "pgd", "trades", "ibp", "noise"], default="standard")
+    r.add_argument("--epochs", type=int, default=10)
+    r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--eps", type=float, default=0.1, help="Linf radius for pgd, trades and ibp (input units)")
+    r.add_argument("--steps", type=int, default=7, help="attack steps for pgd and trades")
+    r.add_argument("--beta", type=float, default=6.0, help="TRADES weight of the robustness term")
+    r.add_argument("--sigma", type=float, default=0.25, help="noise level for noise training")
+    r.add_argument("--ramp-epochs", type=int, default=0, help="epochs to ramp eps up (default: a third, pgd/trades/ibp)")
+    r.add_argument("--bounds", help="input bounds 'low,high' (default 0,1)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _common(r)
+
     m = sub.add_parser("monitor", help="two-sample drift tests of a new batch against reference data (exit 1: drift)")
     _model_args(m)
     m.add_argument("--reference", required=True, help="data the model was validated on (labels not needed)")
@@ -268,6 +287,30 @@ def _cmd_attribute(args, progress: Progress) -> int:
     return EXIT_PASS
 
 
+def _cmd_train(args, progress: Progress) -> int:
+    from .loading.models import parse_floats
+    from .training import TrainConfig, train
+
+    try:
+        kwargs = json.loads(args.factory_kwargs) if args.factory_kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"The '--factory-kwargs' option must be a JSON object; {exc}.") from None
+    bounds = parse_floats(args.bounds, "bounds") if args.bounds else [0.0, 1.0]
+    if len(bounds) != 2:
+        raise UsageError(f"The '--bounds' option needs two numbers 'low,high'; got {args.bounds!r}.")
+    cfg = TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, eps=args.eps,
+                      steps=args.steps, beta=args.beta, sigma=args.sigma, ramp_epochs=args.ramp_epochs,
+                      bounds=(bounds[0], bounds[1]), seed=args.seed)
+    result = train(args.model, args.data, out=args.out, factory_kwargs=kwargs, config=cfg, resume=args.resume,
+                   progress=progress)
+    if not args.quiet:
+        last = result.history[-1] if result.history else {}
+        print(f"{args.method} training: {result.epochs_run} epochs, last loss {last.get('loss', float('nan')):.4f}, "
+              f"training accuracy {last.get('train_accuracy', float('nan')):.3f}\nwrote {result.weights}; audit it "
+              f"with: brittle audit --model {args.model} --weights {result.weights} --data TEST --out AUDIT")
+    return EXIT_PASS
+
+
 def _cmd_checks(args, progress: Progress) -> int:
     from .checks import REGISTRY, available_checks
 
@@ -286,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     handlers = {"audit": _cmd_audit, "report": _cmd_report, "demo": _cmd_demo, "checks": _cmd_checks,
                 "calibrate": _cmd_calibrate, "monitor": _cmd_monitor,
-                "estimate": _cmd_estimate, "attribute": _cmd_attribute}
+                "estimate": _cmd_estimate, "attribute": _cmd_attribute,
+                "train": _cmd_train}
     try:
         return handlers[args.command](args, progress)
     except BrittleError as exc:
