@@ -272,7 +272,9 @@ def _shapes(net: Network, x: torch.Tensor) -> tuple[list[tuple[int, ...]], int]:
 
 def _pre_activation_bounds(net: Network, x, x_lo, x_hi, shapes, l2_eps, *, chunk: int = 256) -> dict:
     """CROWN bounds on the input of every ReLU, from that layer back to the input, intersected with interval
-    bounds. Only neurons whose interval bounds straddle 0 need CROWN: a stable neuron stays stable."""
+    bounds. Only neurons whose interval bounds straddle 0 need CROWN (a stable neuron stays stable), and which
+    those are differs per input, so each input is bounded on its own unstable neurons: upper bounds first,
+    lower bounds only where the upper bound left the neuron possibly active."""
     pre: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     lo, hi = x_lo, x_hi  # interval bounds of the current layer's input, restarted from every tightened ReLU
     b = len(x)
@@ -283,17 +285,21 @@ def _pre_activation_bounds(net: Network, x, x_lo, x_hi, shapes, l2_eps, *, chunk
         if pre or l2_eps is not None:
             shape = shapes[i]
             flat_lo, flat_hi = lo.reshape(b, -1).clone(), hi.reshape(b, -1).clone()
-            todo = torch.nonzero(((flat_lo < 0) & (flat_hi > 0)).any(0)).flatten()
-            for s in range(0, len(todo), chunk):
-                cols = todo[s: s + chunk]
-                k = len(cols)
-                a0 = torch.zeros(k, flat_lo.shape[1])
-                a0[torch.arange(k), cols] = 1.0
-                a0 = a0.reshape(1, k, *shape).expand(b, k, *shape)
-                al, bl = _backward(net, i, a0, shapes, pre, lower=True)
-                au, bu = _backward(net, i, a0, shapes, pre, lower=False)
-                flat_lo[:, cols] = torch.maximum(flat_lo[:, cols], _concretise(al, bl, x_lo, x_hi, True, x, l2_eps))
-                flat_hi[:, cols] = torch.minimum(flat_hi[:, cols], _concretise(au, bu, x_lo, x_hi, False, x, l2_eps))
+            for j in range(b):
+                one = {k: (v[0][j: j + 1], v[1][j: j + 1]) for k, v in pre.items()}
+                xj, lo_j, hi_j = x[j: j + 1], x_lo[j: j + 1], x_hi[j: j + 1]
+                for lower in (False, True):
+                    todo = torch.nonzero((flat_lo[j] < 0) & (flat_hi[j] > 0)).flatten()
+                    for s in range(0, len(todo), chunk):
+                        cols = todo[s: s + chunk]
+                        a0 = torch.zeros(len(cols), flat_lo.shape[1])
+                        a0[torch.arange(len(cols)), cols] = 1.0
+                        a, bias = _backward(net, i, a0.reshape(1, len(cols), *shape), shapes, one, lower=lower)
+                        bound = _concretise(a, bias, lo_j, hi_j, lower, xj, l2_eps)[0]
+                        if lower:
+                            flat_lo[j, cols] = torch.maximum(flat_lo[j, cols], bound)
+                        else:
+                            flat_hi[j, cols] = torch.minimum(flat_hi[j, cols], bound)
             lo, hi = flat_lo.reshape(b, *shape), flat_hi.reshape(b, *shape)
         # else: before the first ReLU the network is affine and interval bounds over the box are exact.
         pre[i] = (lo, hi)
