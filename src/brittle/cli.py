@@ -217,13 +217,7 @@ def _cmd_monitor(args, progress: Progress) -> int:
     from .drift import monitor
 
     result = monitor(None, args.reference, args.batch, alpha=args.alpha, config=_config_from_args(args))
-    text = json.dumps(result.to_json(), indent=2)
-    if args.out:
-        from ._atomic import write_text
-
-        write_text(Path(args.out), text)
-    if not args.quiet:
-        print(text)
+    _emit_json(result.to_json(), args)
     return EXIT_GATE_FAILED if result.drift else EXIT_PASS
 
 
@@ -231,14 +225,19 @@ def _cmd_estimate(args, progress: Progress) -> int:
     from .label_free import estimate
 
     result = estimate(None, args.data, args.target, other_models=args.other_model, config=_config_from_args(args))
-    text = json.dumps(result.to_json(), indent=2)
+    _emit_json(result.to_json(), args)
+    return EXIT_PASS
+
+
+def _emit_json(payload: dict, args) -> None:
+    """A command's JSON result: written to --out when given, printed unless --quiet."""
+    text = json.dumps(payload, indent=2)
     if args.out:
         from ._atomic import write_text
 
         write_text(Path(args.out), text)
     if not args.quiet:
         print(text)
-    return EXIT_PASS
 
 
 def _cmd_attribute(args, progress: Progress) -> int:

@@ -50,12 +50,16 @@ def _generator(seed: int, name: str, severity: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
 
 
+def _check_severity(severity: int) -> None:
+    if severity not in (1, 2, 3, 4, 5):
+        raise ValueError(f"severity must be 1, 2, 3, 4 or 5; got {severity!r}")
+
+
 def corrupt(x: torch.Tensor, name: str, severity: int, *, seed: int = 0) -> torch.Tensor:
     """Corrupt images `x` (N, C, H, W) in [0, 1] with corruption `name` at `severity` (1-5)."""
     if name not in _IMAGE:
         raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(COMMON + EXTRA)}")
-    if severity not in (1, 2, 3, 4, 5):
-        raise ValueError(f"severity must be 1, 2, 3, 4 or 5; got {severity!r}")
+    _check_severity(severity)
     if x.ndim != 4:
         raise ValueError(f"image corruptions take (N, C, H, W) tensors; got shape {tuple(x.shape)}")
     if name in _COLOUR_ONLY and x.shape[1] != 3:
@@ -414,8 +418,7 @@ def corrupt_tabular(x: torch.Tensor, name: str, severity: int, *, seed: int = 0,
     """Corrupt tabular inputs `x` (N, D). `mean`/`std` per feature come from reference data (default: `x`)."""
     if name not in TABULAR:
         raise ValueError(f"unknown tabular corruption {name!r}; choose from {', '.join(TABULAR)}")
-    if severity not in (1, 2, 3, 4, 5):
-        raise ValueError(f"severity must be 1, 2, 3, 4 or 5; got {severity!r}")
+    _check_severity(severity)
     if x.ndim != 2:
         raise ValueError(f"tabular corruptions take (N, D) tensors; got shape {tuple(x.shape)}")
     x = x.detach().float().clone()
