@@ -110,19 +110,14 @@ def missing_packages(packages: dict[str, str], install: str = DATA_EXTRA) -> str
 
 def load_other_model(path: str, ctx: AuditContext):
     """Another model file in the audited model's input domain (bounds, normalisation, batch size)."""
-    from ..loading.models import ModelSpec, load_model
+    from ..config import AuditConfig
+    from ..loading.models import ModelSpec
+    from ..runner import prepare_other_model
 
     m = ctx.model
-    mean = None if m.mean is None else [float(v) for v in np.ravel(m.mean)]
-    std = None if m.std is None else [float(v) for v in np.ravel(m.std)]
-    other = load_model(ModelSpec(path=path, bounds=m.bounds, mean=mean, std=std, batch_size=m.batch_size))
-    other.bind(ctx.data.x[:2], source=path)
-    if other.num_classes != m.num_classes:
-        from ..errors import UsageError
-
-        raise UsageError(f"{path} has {other.num_classes} outputs and the audited model {m.num_classes}: other "
-                         "models given to a check must classify the same classes.")
-    return other
+    spec = ModelSpec(bounds=m.bounds, mean=None if m.mean is None else [float(v) for v in np.ravel(m.mean)],
+                     std=None if m.std is None else [float(v) for v in np.ravel(m.std)], batch_size=m.batch_size)
+    return prepare_other_model(path, AuditConfig(model=spec), like=m, x_example=ctx.data.x)
 
 
 def status_from_findings(findings: list[Finding]) -> str:
