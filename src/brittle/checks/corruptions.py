@@ -87,7 +87,7 @@ class Corruptions(Check):
         fit = fit_source([z[fit_part] for z in clean[:n_est]], y[fit_part], num_classes=clean[0].shape[1])
         tab_mean, tab_std = (x.mean(0), x.std(0)) if x.ndim == 2 else (None, None)
 
-        accuracy = {n: [] for n in names}  # per model index, per severity
+        accuracy = {n: [] for n in names}  # the audited model's, per severity
         ref_error = {n: [] for n in names}
         estimates = []
         ctx.progress.start("corruptions", len(names))
