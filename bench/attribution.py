@@ -155,6 +155,42 @@ def measure(kind, proj_dim, inputs):
     return out
 
 
+def conv_speed(skip_peers: bool) -> None:
+    """Featurisation of 1,000 examples by the demo CNN (convolutions; untrained weights), one thread, warm."""
+    from brittle.attribution import Projector, _per_example_grads
+    from brittle.demo.model import DemoCNN
+
+    (x, y), _ = split()
+    x1, y1 = x[:1000], y[:1000]
+    torch.manual_seed(0)
+    model = DemoCNN().eval()
+    print("\nConvolutional model (the demo CNN, 110k parameters), 1,000 examples, CPU-s, one thread:")
+    for p in (512, 2048):
+        featurize(model, x1[:100], y1[:100], proj_dim=p)  # warm-up
+        t0 = time.process_time()
+        featurize(model, x1, y1, proj_dim=p, batch_size=100)
+        factors = time.process_time() - t0
+        projector = Projector(model, p)
+        names = [n for gr in projector.groups for n in (gr.weight, gr.bias) if n]
+        t0 = time.process_time()
+        for i in range(0, 1000, 100):
+            projector(_per_example_grads(model, names, x1[i: i + 100], y1[i: i + 100])[0])
+        vmap = time.process_time() - t0
+        line = f"  p={p}: brittle (conv factors) {factors:.2f}, brittle (torch.func path) {vmap:.2f}"
+        if not skip_peers:
+            from trak import TRAKer
+
+            with tempfile.TemporaryDirectory() as d:
+                t = TRAKer(model=model, task="image_classification", train_set_size=1000, save_dir=d, device="cpu",
+                           proj_dim=p, use_half_precision=False, logging_level=40)
+                t.load_checkpoint(model.state_dict(), model_id=0)
+                t0 = time.process_time()
+                for i in range(0, 1000, 100):
+                    t.featurize(batch=(x1[i: i + 100], y1[i: i + 100]), num_samples=100)
+                line += f", traker {time.process_time() - t0:.2f}"
+        print(line)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-peers", action="store_true")
@@ -201,6 +237,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:g} | {r[3]} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.2f} | {r[7]:.1f} |")
+    conv_speed(args.skip_peers)
     print("\nFeaturisation of 1,000 examples in a fresh process (one thread): CPU-s, peak RSS before and after (MB)")
     with tempfile.TemporaryDirectory() as d:
         inputs = Path(d) / "inputs.pt"

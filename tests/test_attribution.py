@@ -128,14 +128,22 @@ def test_attribution_check_and_command(tmp_path, files, blobs, tiny_model):
                  "--out", str(out), "--evaluate-lds", "--quiet"]) == 2  # no --train-fn
 
 
-def test_projection_from_linear_factors_equals_projection_of_gradients():
-    from brittle.attribution import Projector, _linear_factors
+@pytest.mark.parametrize("conv", [False, True])
+def test_projection_from_layer_factors_equals_projection_of_gradients(conv):
+    from brittle.attribution import Projector, _layer_factors
 
-    model = _mlp()
-    x, y = torch.randn(16, 4, 5), torch.randint(0, 3, (16,))
-    projector = Projector(model, 300, seed=3)
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 2), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).eval()
+        x = torch.randn(16, 1, 6, 6)
+    else:
+        model, x = _mlp(), torch.randn(16, 4, 5)
+    y = torch.randint(0, 3, (16,))
+    projector = Projector(model, 60, seed=3)
     names = [n for gr in projector.groups for n in (gr.weight, gr.bias) if n]
     grads, _ = _per_example_grads(model, names, x, y)
-    factors, _ = _linear_factors(model, [model[1], model[3]], x, y)
+    layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
+    factors, _ = _layer_factors(model, layers, x, y)
     assert torch.allclose(projector.project_factors(factors), projector(grads), atol=1e-5)
-    assert np.allclose(featurize(model, x, y, proj_dim=300, seed=3).blocks[0], projector(grads).numpy(), atol=1e-5)
+    assert np.allclose(featurize(model, x, y, proj_dim=60, seed=3).blocks[0], projector(grads).numpy(), atol=1e-5)

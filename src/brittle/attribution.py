@@ -10,11 +10,13 @@ What differs from the reference library (traker 0.3.2), for CPU:
   gradient at the output times the input), so gradient inner products are sums over layers of
   (a_i . a_j)(d_i . d_j): the kernel is exact, with no projection error, from one batched backward, and the
   scores are solved in the n x n form. On the benchmark this is what lifts LDS (docs/benchmarks.md).
-- **Factored projection otherwise** (convolutions, TorchScript). A weight's per-example gradient is a matrix G
-  (out x in, the bias as one more column). We project it as P_out^T G P_in with two small Gaussian matrices (k_out x k_in numbers), which
-  preserves inner products in expectation like a dense Gaussian projection (E[(A (x) B)^T (A (x) B)] = I) but
-  costs O(out * in * k_in) per example instead of O(out * in * p), with nothing regenerated per batch
-  (LoGra, Choe et al. 2024, makes the same choice). Small layers are kept exactly. float32 throughout.
+- **Factored projection otherwise** (convolutions, or `proj_dim` given). A weight's per-example gradient is a
+  matrix G (out x in, the bias as one more column), projected as P_out^T G P_in with two small seeded Gaussian
+  matrices: inner products are preserved in expectation as by a dense Gaussian projection, with nothing
+  regenerated per batch (LoGra, Choe et al. 2024, makes the same choice); small layers are kept exactly. For
+  Linear and plain Conv2d layers G = sum_l d_l a_l^T over the layer's positions, so the projection is computed
+  from those factors after one batched backward, without forming G; other models (TorchScript, other weight
+  layers) get per-example gradients from torch.func (or an autograd loop for TorchScript). float32.
 - **lambda is never 0.** lambda = ridge * the mean eigenvalue of the weighted kernel: scale-free, so the same
   `ridge` suits any model; traker's default 0 returns noise when p reaches the number of training examples.
 - **Memory-mapped, resumable featurisation**: features go to .npy memmaps in a folder with a fingerprint
@@ -99,13 +101,13 @@ class Projector:
         self.dim = sum(gr.k_out * gr.k_in for gr in self.groups)
 
     def project_factors(self, factors: list[torch.Tensor]) -> torch.Tensor:
-        """The same projection from Linear layers' factors [a_1, d_1, a_2, d_2, ...] (gradient d a^T), in layer
-        order: P_out^T (d a^T) P_in = (P_out^T d)(P_in^T a)^T, without forming any gradient."""
+        """The same projection from factors [a_1, d_1, ...] (a (B, in, L), d (B, out, L); gradient sum_l d_l a_l^T),
+        in layer order: P_out^T (sum_l d_l a_l^T) P_in = sum_l (P_out^T d_l)(P_in^T a_l)^T, no gradient formed."""
         parts = []
         for gr, a, d in zip(self.groups, factors[0::2], factors[1::2]):
-            left = d @ gr.p_out if gr.p_out is not None else d
-            right = a @ gr.p_in if gr.p_in is not None else a
-            parts.append((left[:, :, None] * right[:, None, :]).reshape(len(a), -1))
+            left = torch.einsum("ok,bol->bkl", gr.p_out, d) if gr.p_out is not None else d
+            right = torch.einsum("ik,bil->bkl", gr.p_in, a) if gr.p_in is not None else a
+            parts.append(torch.einsum("bkl,bjl->bkj", left, right).reshape(len(a), -1))
         return torch.cat(parts, 1)
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -179,26 +181,26 @@ def _per_example_grads(module: nn.Module, names: list[str], x: torch.Tensor, y: 
     return {n: torch.stack(v) for n, v in rows.items()}, torch.stack(probs)
 
 
-def _exact_layers(module: nn.Module) -> list[nn.Linear] | None:
-    """The Linear layers, when they are the model's only weight layers (then the kernel can be exact)."""
+def _factor_layers(module: nn.Module) -> list[nn.Module] | None:
+    """The weight layers, when every one is a Linear or a plain Conv2d: their per-example gradients can then be
+    had in factored form from one batched backward, without torch.func."""
     if isinstance(module, torch.jit.ScriptModule):
         return None
     weighted = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
-    if weighted and all(isinstance(m, nn.Linear) for m in weighted):
-        return weighted
-    return None
+    plain = all(isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+                                             and isinstance(m.padding, tuple)) for m in weighted)
+    return weighted if weighted and plain else None
 
 
-def _linear_factors(module: nn.Module, layers: list[nn.Linear], x: torch.Tensor, y: torch.Tensor
-                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-example gradients of Linear layers in factored form: the layer input a (with a 1 for the bias) and
-    the margin's gradient d at the layer output, so that the weight gradient is d a^T. One batched backward:
-    each example's margin depends on its own input only (eval mode)."""
+def _layer_factors(module: nn.Module, layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-example weight gradients in factored form, [a_1, d_1, a_2, d_2, ...]: a (B, in + 1, L) the layer's
+    inputs at each of its L positions (a Conv2d's unfolded patches; one position for a Linear on (N, D)) with a 1
+    for the bias, d (B, out, L) the margin's gradient at the outputs, so that the weight gradient is
+    sum_l d_l a_l^T. One batched backward: each example's margin depends on its own input only (eval mode)."""
     inputs, outputs = {}, {}
 
     def hook(layer, args, out):
-        if args[0].ndim != 2:
-            raise UsageError("exact attribution needs Linear layers on (N, D) inputs; give proj_dim to project")
         inputs[layer] = args[0].detach()
         outputs[layer] = out
 
@@ -213,10 +215,17 @@ def _linear_factors(module: nn.Module, layers: list[nn.Linear], x: torch.Tensor,
         for h in handles:
             h.remove()
     factors = []
+    b = len(x)
     for layer, d in zip(layers, grads):
-        a = inputs[layer]
+        inp = inputs[layer]
+        if isinstance(layer, nn.Conv2d):
+            a = nn.functional.unfold(inp, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            d = d.reshape(b, layer.out_channels, -1)
+        else:
+            a = inp.reshape(b, -1, layer.in_features).transpose(1, 2)
+            d = d.reshape(b, -1, layer.out_features).transpose(1, 2)
         if layer.bias is not None:
-            a = torch.cat([a, torch.ones(len(a), 1)], 1)
+            a = torch.cat([a, torch.ones(b, 1, a.shape[2])], 1)
         factors += [a, d.detach()]
     probs = torch.softmax(logits.detach(), 1).gather(1, y[:, None])[:, 0]
     return factors, probs
@@ -269,8 +278,9 @@ def featurize(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, proj_dim: 
     a later call with the same model, data and settings continues where this one stopped. `stop_after`
     (batches) interrupts on purpose, for tests of resuming."""
     module = module.eval()
-    linear = _exact_layers(module)  # Linear-only: per-example gradients need never be materialised
-    layers = linear if proj_dim is None else None
+    factorable = _factor_layers(module)  # per-example gradients need never be materialised
+    exact = proj_dim is None and factorable is not None and all(isinstance(m, nn.Linear) for m in factorable)
+    layers = factorable if exact else None
     if layers is not None:
         widths = []
         for layer in layers:
@@ -310,9 +320,12 @@ def featurize(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, proj_dim: 
             raise KeyboardInterrupt("stopped on request")
         xb, yb = x[start: start + batch_size], y[start: start + batch_size]
         if layers is not None:
-            parts, probs = _linear_factors(module, layers, xb, yb)
-        elif linear is not None:
-            factors, probs = _linear_factors(module, linear, xb, yb)
+            factors, probs = _layer_factors(module, layers, xb, yb)
+            if any(f.shape[2] != 1 for f in factors):
+                raise UsageError("Exact attribution needs Linear layers on (N, D) inputs; give proj_dim to project.")
+            parts = [f[:, :, 0] for f in factors]
+        elif factorable is not None:
+            factors, probs = _layer_factors(module, factorable, xb, yb)
             parts = [projector.project_factors(factors)]
         else:
             grads, probs = _per_example_grads(module, names, xb, yb)
