@@ -92,3 +92,24 @@ def test_train_command_output_is_audited_through_the_factory(tmp_path, data):
     assert result["accuracy"].metrics["accuracy"] > 0.6
     assert main(["train", "--model", FACTORY, "--data", str(tmp_path / "train.npz"), "--out", str(tmp_path / "x"),
                  "--method", "pgd", "--eps", "-1", "--quiet"]) == 2
+
+
+class BNNet(torch.nn.Module):
+    """Importable as tests.test_train:BNNet: a model IBP training must refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8),
+                                       torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_ibp_training_refuses_what_it_cannot_bound(tmp_path, data):
+    from brittle.errors import UsageError
+
+    with pytest.raises(UsageError, match="BatchNorm"):
+        train("tests.test_train:BNNet", data, out=tmp_path / "bn", config=TrainConfig(method="ibp", epochs=1))
+    with pytest.raises(UsageError, match="method"):
+        TrainConfig(method="adversarial").check()

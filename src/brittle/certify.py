@@ -108,8 +108,8 @@ def network_from(adapter) -> Network:
     return network_from_module(module, d.mean, d.std)
 
 
-def network_from_module(module: nn.Module, mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
-                        *, allow_training_mode: bool = False) -> Network:
+def network_from_module(module: nn.Module, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+                        ) -> Network:
     """A module as a chain of layers (after an optional per-channel normalisation)."""
     layers: list[tuple[str, nn.Module | None]] = []
     if mean is not None:
@@ -117,7 +117,7 @@ def network_from_module(module: nn.Module, mean: torch.Tensor | None = None, std
     for m in _flatten_chain(module):
         if isinstance(m, _NOOP):
             continue
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training and not allow_training_mode:
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training:
             raise UsageError("BatchNorm must be in eval mode for certification.")
         layers.append(("relu", None) if isinstance(m, nn.ReLU) else ("affine", m))
     return Network(layers)

@@ -153,10 +153,13 @@ def train(factory: str, data, *, out: str | Path, factory_kwargs: dict | None = 
     if cfg.method == "ibp":
         from .certify import network_from_module
 
-        net = network_from_module(model, allow_training_mode=False)
         if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()):
             raise UsageError("IBP training does not support BatchNorm layers (their batch statistics make the "
                              "interval bounds depend on the batch); build the model without them.")
+        try:
+            net = network_from_module(model)
+        except UsageError as exc:
+            raise UsageError(f"IBP training propagates bounds through the model, and: {exc}") from None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
