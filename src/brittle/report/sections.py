@@ -45,6 +45,11 @@ def _gallery(heading: str, images, captions, audit: AuditResult) -> list[str]:
         if shown is None:
             return []
         figs.append(_img(shown, caption))
+    return _figure_row(heading, figs)
+
+
+def _figure_row(heading: str, figs: list[str]) -> list[str]:
+    """A heading over a row of rendered figures; nothing when there are none."""
     return [f"<h4>{escape(heading)}</h4>", '<div class="examples">' + "".join(figs) + "</div>"] if figs else []
 
 
@@ -116,9 +121,7 @@ def _adversarial(r: CheckResult, audit: AuditResult) -> str:
             figs.append('<div class="triple">' + _img(ci, f"#{int(a['example_index'][i])} label {int(a['example_label'][i])}")
                         + _img(to_display_image(adv, low, high), f"adversarial: {int(a['example_adversarial_pred'][i])}")
                         + _img(perturbation_image(adv - clean), f"perturbation ({d.get('norm')} {dist:.3g})") + "</div>")
-        if figs:
-            out += ["<h4>Most fragile examples: clean, adversarial, perturbation (amplified)</h4>",
-                    '<div class="examples">' + "".join(figs) + "</div>"]
+        out += _figure_row("Most fragile examples: clean, adversarial, perturbation (amplified)", figs)
     return "".join(out)
 
 
@@ -142,8 +145,8 @@ def _backdoor(r: CheckResult, audit: AuditResult) -> str:
     if "trigger" in a:
         img = perturbation_image(a["trigger"])
         if img is not None:
-            out += ["<h4>Reconstructed trigger (mean flagged example minus mean held-out input; amplified)</h4>",
-                    '<div class="examples">' + _img(img, "reconstructed trigger", scale=4) + "</div>"]
+            out += _figure_row("Reconstructed trigger (mean flagged example minus mean held-out input; amplified)",
+                               [_img(img, "reconstructed trigger", scale=4)])
     if "example_image" in a:
         out += _gallery("Most suspicious training examples", a["example_image"],
                         [f"train #{int(i)}: labelled {label(int(lab))}, looks like {label(int(like))}" for i, lab, like
@@ -174,9 +177,7 @@ def _shortcuts(r: CheckResult, audit: AuditResult) -> str:
             img = to_display_image(a["heatmap"][c] / max(float(np.abs(a["heatmap"][c]).max()), 1e-9))
             if img is not None:
                 figs.append(_img(img, f"class {names[c] if c < len(names) else c}: occlusion importance", scale=4))
-        if figs:
-            out += ["<h4>Occlusion heat maps (bright: occluding it costs the class most)</h4>",
-                    '<div class="examples">' + "".join(figs) + "</div>"]
+        out += _figure_row("Occlusion heat maps (bright: occluding it costs the class most)", figs)
     return "".join(out)
 
 
