@@ -57,10 +57,7 @@ class Backdoor(Check):
     Options = BackdoorOptions
     order = 35
 
-    def skip_reason(self, ctx: AuditContext) -> str | None:
-        reason = super().skip_reason(ctx)
-        if reason is not None:
-            return reason
+    def unmet(self, ctx: AuditContext) -> str | None:
         if len(ctx.data) < 50:
             return f"needs at least 50 held-out (audit) examples as the clean reference; got {len(ctx.data)}"
         return None

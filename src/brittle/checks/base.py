@@ -130,7 +130,8 @@ def status_from_findings(findings: list[Finding]) -> str:
 
 
 class Check(ABC):
-    """Subclass with class attributes `id`, `title`, `needs`, `metrics` (gateable scalars), `Options`."""
+    """Subclass with class attributes `id`, `title`, `needs`, `metrics` (gateable scalars), `Options`, and `run`;
+    override `unmet` for requirements that `needs` cannot declare."""
 
     id: ClassVar[str]
     title: ClassVar[str]
@@ -173,6 +174,11 @@ class Check(ABC):
             return "needs labels in the training set"
         if self.needs.gradients and not ctx.model.differentiable:
             return f"needs input gradients, and {ctx.model.name} is a black-box model"
+        return self.unmet(ctx)
+
+    def unmet(self, ctx: AuditContext) -> str | None:
+        """Why this check cannot run beyond its declared needs (an input layout, an optional package), or None.
+        Called only when the declared needs are met. Override when needed."""
         return None
 
     @abstractmethod

@@ -59,14 +59,12 @@ class Certified(Check):
     Options = CertifiedOptions
     order = 85
 
-    def skip_reason(self, ctx: AuditContext) -> str | None:
-        reason = super().skip_reason(ctx)
-        if reason is None:
-            try:
-                network_from(ctx.model)
-            except UsageError as exc:
-                return str(exc)
-        return reason
+    def unmet(self, ctx: AuditContext) -> str | None:
+        try:
+            network_from(ctx.model)
+        except UsageError as exc:
+            return str(exc)
+        return None
 
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options

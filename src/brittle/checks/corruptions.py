@@ -62,11 +62,10 @@ class Corruptions(Check):
                              f"choose from {', '.join(available)}")
         return tuple(self.options.corruptions)
 
-    def skip_reason(self, ctx: AuditContext) -> str | None:
-        reason = super().skip_reason(ctx)
-        if reason is None and ctx.data.x.ndim not in (2, 4):
+    def unmet(self, ctx: AuditContext) -> str | None:
+        if ctx.data.x.ndim not in (2, 4):
             return f"needs images (N, C, H, W) or tabular rows (N, D); the inputs have shape {tuple(ctx.data.x.shape)}"
-        return reason
+        return None
 
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options

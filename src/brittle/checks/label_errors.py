@@ -37,10 +37,7 @@ class LabelErrors(Check):
     Options = LabelErrorOptions
     order = 40
 
-    def skip_reason(self, ctx: AuditContext) -> str | None:
-        reason = super().skip_reason(ctx)
-        if reason is not None:
-            return reason
+    def unmet(self, ctx: AuditContext) -> str | None:
         missing = missing_packages({"cleanlab": "cleanlab", "sklearn": "scikit-learn"})
         if missing:
             return missing

@@ -38,10 +38,7 @@ class Shortcuts(Check):
     Options = ShortcutOptions
     order = 45
 
-    def skip_reason(self, ctx: AuditContext) -> str | None:
-        reason = super().skip_reason(ctx)
-        if reason is not None:
-            return reason
+    def unmet(self, ctx: AuditContext) -> str | None:
         if ctx.data.x.dim() != 4:
             return "needs image inputs (N, C, H, W); occlusion has no meaning for other layouts"
         return None

@@ -37,8 +37,8 @@ class Slices(Check):
     Options = SliceOptions
     order = 30
 
-    def skip_reason(self, ctx: AuditContext) -> str | None:
-        return super().skip_reason(ctx) or missing_packages({"sklearn": "scikit-learn"})
+    def unmet(self, ctx: AuditContext) -> str | None:
+        return missing_packages({"sklearn": "scikit-learn"})
 
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options
