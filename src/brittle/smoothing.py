@@ -21,6 +21,11 @@ __all__ = ["SmoothingResult", "certify", "predict", "clopper_pearson_lower", "bi
 ABSTAIN = -1
 
 
+def _log_factorials(n: int) -> np.ndarray:
+    """log(m!) for m = 0..n, vectorised (the bisection below asks for them dozens of times per point)."""
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
+
+
 def binomial_tail(k: int, n: int, p: float) -> float:
     """P(Binomial(n, p) >= k), from log-pmfs (stable for n in the hundreds of thousands)."""
     if k <= 0:
@@ -32,8 +37,8 @@ def binomial_tail(k: int, n: int, p: float) -> float:
     if p >= 1:
         return 1.0
     i = np.arange(k, n + 1)
-    logpmf = (math.lgamma(n + 1) - np.array([math.lgamma(v + 1) for v in i]) - np.array([math.lgamma(n - v + 1) for v in i])
-              + i * math.log(p) + (n - i) * math.log1p(-p))
+    log_fact = _log_factorials(n)
+    logpmf = log_fact[n] - log_fact[i] - log_fact[n - i] + i * math.log(p) + (n - i) * math.log1p(-p)
     top = logpmf.max()
     return float(min(1.0, math.exp(top) * np.exp(logpmf - top).sum()))
 
