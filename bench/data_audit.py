@@ -6,6 +6,8 @@
 MNIST-5k (4,000 train / 1,000 held out, seed-0 shuffle), the demo CNN trained 4 epochs on each planted set.
 - Backdoors: a 3x3 white patch by the corner or a full-image blend (alpha 0.2, fixed noise pattern), poisons
   from other classes relabelled 7, making up a third or 5% of class 7; plus clean sets (seeds 0-2).
+  `--seeds K` repeats the planted sets for seeds 0..K-1 (split, poisons, training) and adds clean seeds
+  up to K+1; `--first-seed` and `--target` move them (sets the detector's thresholds were not chosen on).
   brittle `backdoor` vs ART's ActivationDefence (2-means on PCA-10 of what its PyTorch wrapper gives:
   the logits) and SpectralSignatureDefense (defaults, expected_pp_poison 0.33).
 - Shortcuts: a 2x2 white mark in the top-left corner of 90% of class 3's training images, absent at test,
@@ -131,16 +133,27 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "data_audit.json"))
     ap.add_argument("--skip-peers", action="store_true", help="only brittle (no ART, no cleanlab retraining)")
     ap.add_argument("--only", choices=["backdoor", "label_errors", "shortcuts"], help="run one part")
+    ap.add_argument("--seeds", type=int, default=1, help="backdoor part: planted sets from this many seeds "
+                    "(split, poison choice, training), and clean sets from two more")
+    ap.add_argument("--first-seed", type=int, default=0, help="backdoor part: seeds start here")
+    ap.add_argument("--target", type=int, default=7, help="backdoor part: the poisons' target class")
     args = ap.parse_args()
     torch.set_num_threads(2)
     results: dict = {"backdoor": {}, "label_errors": {}, "shortcuts": {}}
-    cases = [(f"{kind}, {name}", lambda kind=kind, share=share: planted.backdoor(kind, share))
-             for kind in planted.TRIGGER_KINDS for name, share in (("a third of class 7", 1 / 3), ("5% of class 7", 0.05))]
-    cases += [(f"clean, seed {s}", lambda s=s: planted.clean(s)) for s in range(3)]
-    for name, make in cases if args.only in (None, "backdoor") else []:
+    def stem(label: str) -> str:  # cache file name of a planted set's model (the seed is added by `trained`)
+        return label.replace(" ", "_").replace(",", "").replace("%", "pct")
+
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    t = args.target
+    cases = [(f"{kind}, {where}" + (f", seed {s}" if s else ""), stem(f"{kind}, {where}"), s,
+              lambda kind=kind, share=share, s=s: planted.backdoor(kind, share, target=t, seed=s))
+             for s in seeds for kind in planted.TRIGGER_KINDS
+             for where, share in ((f"a third of class {t}", 1 / 3), (f"5% of class {t}", 0.05))]
+    cases += [(f"clean, seed {s}", stem(f"clean, seed {s}"), s, lambda s=s: planted.clean(s))
+              for s in range(args.first_seed, args.first_seed + args.seeds + 2)]
+    for name, cache_stem, seed, make in cases if args.only in (None, "backdoor") else []:
         p = make()
-        model = trained(name.replace(" ", "_").replace(",", "").replace("%", "pct"), p.x_train, p.y_train,
-                        seed=int(name[-1]) if name.startswith("clean") else 0)
+        model = trained(cache_stem, p.x_train, p.y_train, seed=seed)
         row = {"brittle": run_brittle_backdoor(model, p)}
         if not args.skip_peers:
             for which in ("art-activation", "art-spectral"):

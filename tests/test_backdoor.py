@@ -54,6 +54,20 @@ def test_a_planted_trigger_is_found_with_its_class_examples_and_shape(kind):
         assert corner > 0.5 and corner > 3 * np.abs(np.delete(trigger.ravel(), [45, 46, 53, 54])).mean()
 
 
+@pytest.mark.parametrize("kind", ["patch", "blend"])
+def test_poisons_in_the_data_are_found_even_when_the_model_did_not_learn_the_trigger(kind):
+    """Persistence needs a model that learned the trigger; the shared residual does not. A model trained on the
+    true labels ignores the trigger, yet the class and the poisons are found: suspected, not confirmed."""
+    y_true = _digits()[1]
+    x_tr, y_tr, poisoned, x_te, y_te = _digits(poison_share=0.15, kind=kind)
+    model = train_tiny(x_tr, y_true, classes=10, steps=300)
+    r = brittle.audit(model, (x_te, y_te), train_data=(x_tr, y_tr), checks=["backdoor"])["backdoor"]
+    assert r.status == "warn" and [f.id for f in r.findings] == ["backdoor.suspected"]
+    assert r.details["suspicious_per_class"][TARGET] == 0 and r.metrics["target_class"] == TARGET
+    flagged = r.arrays["flagged"]
+    assert poisoned[flagged].mean() >= 0.9 and poisoned[flagged].sum() >= 0.8 * poisoned.sum()
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_clean_training_sets_report_no_backdoor(seed):
     x_tr, y_tr, _, x_te, y_te = _digits(seed=seed)

@@ -1,6 +1,6 @@
 """Backdoor / poisoning: does the training set carry a planted trigger, for which class, in which examples?
 
-Three kinds of evidence, each cheap, combined (no single method is trusted):
+Four kinds of evidence, each cheap, combined (no single method is trusted):
 
 1. Trigger persistence (model behaviour, after STRIP, Gao et al. 2019). A poisoned example is classified
    by its trigger, so it keeps its label when overlaid with held-out inputs of other classes; a clean
@@ -10,14 +10,24 @@ Three kinds of evidence, each cheap, combined (no single method is trusted):
 2. Content disagreement (data). A k-nearest-neighbour classifier on raw inputs, fitted on the held-out
    data only (so poisons cannot vouch for each other), says what the example looks like. A poison looks
    like its source class, not its label.
-3. Confirmation (model behaviour). The trigger is reconstructed as the mean difference between the
+3. A shared residual (data). What an example has that its nearest held-out look-alikes lack (its residual)
+   is, for a poison, mostly the trigger, the same in every poison whatever its content. So a poison's
+   nearest residuals, among all training examples, belong to other examples with its label that look like
+   yet another class. A natural misfit's residual (a 4 written like a 9) is shared, if at all, by examples
+   that look like the same class. This finds triggers the model memorised example by example, which
+   persistence misses.
+4. Confirmation (model behaviour). The trigger is reconstructed as the mean difference between the
    flagged examples and held-out inputs of other classes, stamped on held-out inputs of other classes,
-   and must flip them to the target class far more often than the same construction from unflagged
-   examples of the classes the flagged ones look like (their content without the trigger).
+   and must flip them to the target class more often than the same construction from unflagged examples
+   of the classes the flagged ones look like (their content without the trigger), by a margin and
+   significantly (McNemar over the same inputs).
 
-Examples that persist and disagree are counted per class; the decision is made across classes with a
-robust statistic (median and MAD of the counts), not by flagging a fixed share of every class. A class
-that is an outlier is reported; it is `high` when the confirmation holds and `medium` otherwise.
+Examples that disagree and persist, and examples that disagree and share a residual, are counted per
+class; the decision is made across classes with a robust statistic (median and MAD of each count), not by
+flagging a fixed share of every class. In a class that is an outlier on either count, those examples give
+the trigger's direction (their mean residual), and every disagreeing example of the class whose residual
+aligns with it far beyond the other classes' misfits is flagged. The finding is `high` when the
+confirmation holds and `medium` (the data carries a pattern the model has not learned) otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from ..result import CheckResult, Finding
 from .base import AuditContext, Check, CheckOptions, Needs, status_from_findings
 
 MIN_REFERENCE_PER_CLASS = 10  # held-out examples a class needs for its own persistence null
+RESIDUAL_DIMS = 1024  # residuals of larger inputs are projected to this many dimensions
 
 
 class BackdoorOptions(CheckOptions):
@@ -39,13 +50,21 @@ class BackdoorOptions(CheckOptions):
     overlay: Literal["max", "mean"] = Field("max", description="how two inputs are overlaid: pixel-wise max or mean")
     null_quantile: float = Field(0.99, gt=0.5, lt=1, description="persistence above this quantile of held-out "
                                  "examples of the class counts as persistent, for the class decision")
-    flag_quantile: float = Field(0.8, gt=0.0, lt=1, description="the same, for flagging examples once the target "
-                                 "class is established (content disagreement carries the precision)")
     content_neighbours: int = Field(5, ge=1, description="k of the content classifier on held-out inputs")
-    min_poisons: int = Field(8, ge=1, description="fewest persistent, disagreeing examples that make a class suspect")
+    residual_neighbours: int = Field(10, ge=2, description="nearest residuals (among all training examples) "
+                                     "looked at for each disagreeing example")
+    shared_share: float = Field(0.5, gt=0, le=1, description="share of those that must have the example's label, "
+                                "disagree, and look like another class than it, for its residual to count as shared")
+    min_poisons: int = Field(8, ge=1, description="fewest persistent (or sharing), disagreeing examples that make a "
+                             "class suspect")
     outlier_z: float = Field(5.0, gt=0, description="robust z of a class's count against the other classes")
-    confirm_gain: float = Field(0.25, ge=0, le=1, description="how much more often the reconstructed trigger must "
+    alignment_z: float = Field(4.5, gt=0, description="once a class is suspect, its disagreeing examples whose "
+                               "residual aligns with the trigger's this many robust z above the other classes' "
+                               "disagreeing examples are flagged")
+    confirm_gain: float = Field(0.1, ge=0, le=1, description="how much more often the reconstructed trigger must "
                                 "flip held-out inputs than the control construction")
+    confirm_z: float = Field(3.1, gt=0, description="... and how significantly: McNemar's z over the same inputs "
+                             "(3.1: one-sided p < 0.001)")
     examples_shown: int = Field(16, ge=0, le=64)
 
 
@@ -72,48 +91,70 @@ class Backdoor(Check):
         ctx.progress.message(f"backdoor: overlay persistence of {len(y_tr)} training examples ({o.overlays} overlays each)")
         s_tr = self._persistence(model, x_tr, y_tr, x_ref, y_ref, g)
         s_ref = self._persistence(model, x_ref, y_ref, x_ref, y_ref, g)
-        content = _content_probabilities(x_ref, y_ref, x_tr, classes, o.content_neighbours)
+        ctx.progress.message("backdoor: content and residuals against the held-out inputs")
+        content, unit_residual = _content_and_residual(x_ref, y_ref, x_tr, classes, o.content_neighbours)
         label_support = content[np.arange(len(y_tr)), y_tr]  # how much the example looks like its label
         looks_like = content.argmax(1)
         disagree = label_support < 0.5
+        shared = _shared_residual(unit_residual, y_tr, looks_like, disagree, o.residual_neighbours)
 
         thresholds = np.array([self._threshold(s_ref, y_ref, c, o.null_quantile) for c in range(classes)])
-        suspicious = disagree & (s_tr > thresholds[y_tr])
-        counts = np.bincount(y_tr[suspicious], minlength=classes)
-        med = float(np.median(counts))
-        spread = 1.4826 * float(np.median(np.abs(counts - med)))
-        z = (counts - med) / (spread + 1.0)  # +1: counts are small integers, a MAD of 0 is common
-        candidates = [c for c in np.argsort(-counts) if counts[c] >= o.min_poisons and z[c] >= o.outlier_z]
+        persistent = disagree & (s_tr > thresholds[y_tr])
+        sharing = disagree & (shared >= o.shared_share)
+        counts = np.bincount(y_tr[persistent], minlength=classes)
+        shared_counts = np.bincount(y_tr[sharing], minlength=classes)
+        z, shared_z = _robust_z(counts), _robust_z(shared_counts)
+        outlier = ((counts >= o.min_poisons) & (z >= o.outlier_z)) | \
+                  ((shared_counts >= o.min_poisons) & (shared_z >= o.outlier_z))
+        candidates = [int(c) for c in np.argsort(-np.maximum(counts, shared_counts), kind="stable") if outlier[c]]
 
-        score = s_tr * (1.0 - label_support)  # persistent and looking like another class
         flagged = np.zeros(len(y_tr), dtype=bool)
+        alignment = np.zeros(len(y_tr))
         findings, per_target, triggers = [], [], []
         names = train.class_names or ref.class_names or [str(i) for i in range(classes)]
         for t in candidates:
-            t = int(t)
-            members = (y_tr == t) & disagree & (s_tr > self._threshold(s_ref, y_ref, t, o.flag_quantile))
+            # The core (persistent or sharing) gives the trigger's residual; every disagreeing example of the
+            # class is then judged by how well its residual aligns with it, against the other classes' misfits.
+            core = (y_tr == t) & (persistent | sharing)
+            aligned = _alignment(unit_residual, core)
+            null = aligned[disagree & (y_tr != t)]
+            med = float(np.median(null)) if len(null) else 0.0
+            spread = 1.4826 * float(np.median(np.abs(null - med))) if len(null) else 1.0
+            members = (y_tr == t) & disagree & ((aligned - med) / max(spread, 1e-6) >= o.alignment_z)
+            alignment[y_tr == t] = aligned[y_tr == t]
             confirm = self._confirm(model, x_tr, y_tr, x_ref, y_ref, t, members, looks_like, g)
             triggers.append(confirm.pop("trigger"))
             flagged |= members
-            per_target.append({"target": t, "flagged": int(members.sum()), "count_z": float(z[t]), **confirm})
-            confirmed = confirm["gain"] >= o.confirm_gain
+            per_target.append({"target": t, "flagged": int(members.sum()), "count_z": float(z[t]),
+                               "shared_count_z": float(shared_z[t]), **confirm})
+            confirmed = confirm["gain"] >= o.confirm_gain and confirm["z"] >= o.confirm_z
             source = np.bincount(looks_like[members], minlength=classes)
+            sources = (f"mostly {names[int(source.argmax())]}" if source.max() >= 0.5 * max(members.sum(), 1)
+                       else f"{int((source > 0).sum())} different ones")
             findings.append(Finding(
                 "backdoor.found" if confirmed else "backdoor.suspected", "high" if confirmed else "medium",
                 f"Class {names[t]} {'carries' if confirmed else 'may carry'} a planted trigger: {int(members.sum())} "
-                f"training examples labelled {names[t]} keep that label under overlays and look like other classes "
-                f"(mostly {names[int(source.argmax())]}); stamping the trigger reconstructed from them flips "
+                f"training examples labelled {names[t]} look like other classes ({sources}); "
+                f"{int((members & persistent).sum())} of them keep the label when overlaid with other inputs, "
+                f"{int((members & sharing).sum())} share what their look-alikes lack, and all carry the same residual "
+                f"(the trigger). Stamping the trigger reconstructed from them flips "
                 f"{confirm['success_rate']:.0%} of held-out inputs of other classes to {names[t]} "
-                f"(control: {confirm['control_rate']:.0%}).",
+                f"(control: {confirm['control_rate']:.0%})"
+                + ("." if confirmed else ": the data carries the pattern, this model has not learned it as a trigger."),
                 {"target_class": names[t], "flagged": int(members.sum()), "success_rate": confirm["success_rate"],
-                 "control_rate": confirm["control_rate"], "count_z": float(z[t])}))
+                 "control_rate": confirm["control_rate"], "count_z": float(z[t]),
+                 "shared_count_z": float(shared_z[t])}))
         first = per_target[0] if per_target else None
-        order = np.flatnonzero(flagged)[np.argsort(-score[flagged], kind="stable")][: o.examples_shown]
+        # persistent, sharing or aligned with a suspect class's trigger, and looking like another class
+        score = np.maximum(np.maximum(s_tr, shared), alignment.clip(0, 1)) * (1.0 - label_support)
+        order = np.flatnonzero(flagged)[np.argsort(-alignment[flagged], kind="stable")][: o.examples_shown]
         details = {"class_names": names, "suspicious_per_class": counts.tolist(), "count_z": z.round(3).tolist(),
+                   "shared_per_class": shared_counts.tolist(), "shared_count_z": shared_z.round(3).tolist(),
                    "targets": per_target, "overlays": o.overlays, "overlay": o.overlay,
                    "reference": "the audit data (assumed clean)"}
         arrays = {"train_index": train.positions(np.arange(len(y_tr))), "score": score.astype(np.float32),
-                  "persistence": s_tr.astype(np.float32), "flagged": flagged,
+                  "persistence": s_tr.astype(np.float32), "shared_residual": shared.astype(np.float32),
+                  "trigger_alignment": alignment.astype(np.float32), "flagged": flagged,
                   "example_index": train.positions(order), "example_image": x_tr[torch.as_tensor(order)].numpy(),
                   "example_label": y_tr[order], "example_looks_like": looks_like[order]}
         if triggers:
@@ -153,7 +194,8 @@ class Backdoor(Check):
         pool = x_ref[torch.as_tensor(y_ref != t)]
         idx = np.flatnonzero(members)
         if len(pool) == 0 or len(idx) == 0:
-            return {"success_rate": 0.0, "control_rate": 0.0, "gain": 0.0, "trigger": np.zeros(tuple(x_tr.shape[1:]))}
+            return {"success_rate": 0.0, "control_rate": 0.0, "gain": 0.0, "z": 0.0,
+                    "trigger": np.zeros(tuple(x_tr.shape[1:]))}
         base = pool.mean(0)
         lo, hi = model.bounds
         trigger = x_tr[torch.as_tensor(idx)].mean(0) - base
@@ -164,11 +206,14 @@ class Backdoor(Check):
                 control_idx.append(int(g.choice(same_content)))
         control = x_tr[torch.as_tensor(control_idx)].mean(0) - base if control_idx else torch.zeros_like(trigger)
 
-        def flips(delta: torch.Tensor) -> float:
-            return float((model.logits((pool + delta).clamp(lo, hi), batch_size=512).argmax(1) == t).double().mean())
+        def flips(delta: torch.Tensor) -> np.ndarray:
+            return (model.logits((pool + delta).clamp(lo, hi), batch_size=512).argmax(1) == t).numpy()
 
-        rate, control_rate = flips(trigger), flips(control)
-        return {"success_rate": rate, "control_rate": control_rate, "gain": rate - control_rate,
+        stamped, controlled = flips(trigger), flips(control)
+        only_stamped, only_control = int((stamped & ~controlled).sum()), int((controlled & ~stamped).sum())
+        z = (only_stamped - only_control) / max(only_stamped + only_control, 1) ** 0.5  # McNemar, paired inputs
+        rate, control_rate = float(stamped.mean()), float(controlled.mean())
+        return {"success_rate": rate, "control_rate": control_rate, "gain": rate - control_rate, "z": float(z),
                 "trigger": trigger.numpy()}
 
 
@@ -183,15 +228,64 @@ def _other_class_partners(y: np.ndarray, pool_y: np.ndarray, g: np.random.Genera
     return partner
 
 
-def _content_probabilities(x_ref: torch.Tensor, y_ref: np.ndarray, x: torch.Tensor, classes: int, k: int) -> np.ndarray:
-    """What each input looks like, by its nearest held-out inputs (raw input space: a small trigger barely moves it)."""
+def _robust_z(counts: np.ndarray) -> np.ndarray:
+    """Each class's count against the others': median and MAD (+1: counts are small integers, a MAD of 0 is common)."""
+    med = float(np.median(counts))
+    return (counts - med) / (1.4826 * float(np.median(np.abs(counts - med))) + 1.0)
+
+
+def _content_and_residual(x_ref: torch.Tensor, y_ref: np.ndarray, x: torch.Tensor, classes: int, k: int
+                          ) -> tuple[np.ndarray, torch.Tensor]:
+    """What each input looks like, by its k nearest held-out inputs (raw input space: a small or faint trigger
+    barely moves it), and its residual as a unit vector: the input minus the mean of those neighbours, flattened
+    (projected to RESIDUAL_DIMS by a fixed Gaussian matrix when inputs are larger; cosines survive that)."""
     ref = x_ref.reshape(len(x_ref), -1)
     votes = np.zeros((len(x), classes))
     k = min(k, len(ref))
     ref_sq = (ref * ref).sum(1)
+    dims = ref.shape[1]
+    project = None if dims <= RESIDUAL_DIMS else torch.randn(
+        dims, RESIDUAL_DIMS, generator=torch.Generator().manual_seed(0)) / RESIDUAL_DIMS ** 0.5
+    residual = torch.empty(len(x), min(dims, RESIDUAL_DIMS))
     for s in range(0, len(x), 1024):
         q = x[s:s + 1024].reshape(min(1024, len(x) - s), -1)
         d2 = (q * q).sum(1, keepdim=True) - 2 * q @ ref.T + ref_sq[None]
-        nearest = d2.topk(k, dim=1, largest=False).indices.numpy()
-        np.add.at(votes, (np.repeat(np.arange(s, s + len(q)), k), y_ref[nearest].ravel()), 1.0)
-    return votes / k
+        nearest = d2.topk(k, dim=1, largest=False).indices
+        r = q - ref[nearest].mean(1)
+        residual[s:s + len(q)] = r if project is None else r @ project
+        np.add.at(votes, (np.repeat(np.arange(s, s + len(q)), k), y_ref[nearest.numpy()].ravel()), 1.0)
+    return votes / k, residual / residual.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _shared_residual(unit: torch.Tensor, y: np.ndarray, looks_like: np.ndarray, disagree: np.ndarray,
+                     m: int) -> np.ndarray:
+    """For each disagreeing example, the share of its m nearest residuals (cosine, among all training examples)
+    that belong to examples with its label that also disagree and look like another class than it does.
+
+    A trigger is shared across contents; a natural misfit's oddity is shared, if at all, within one content.
+    The search runs over every training example, so clean examples absorb the natural look-alikes."""
+    out = np.zeros(len(y))
+    rows = np.flatnonzero(disagree)
+    if len(rows) == 0 or len(y) < 2:
+        return out
+    m = min(m, len(y) - 1)
+    for s in range(0, len(rows), 256):  # 256 rows x all training examples per similarity block
+        idx = rows[s:s + 256]
+        sim = unit[torch.as_tensor(idx)] @ unit.T
+        sim[torch.arange(len(idx)), torch.as_tensor(idx)] = -float("inf")  # not its own neighbour
+        nb = sim.topk(m, dim=1).indices.numpy()
+        sibling = disagree[nb] & (y[nb] == y[idx, None]) & (looks_like[nb] != looks_like[idx, None])
+        out[idx] = sibling.mean(1)
+    return out
+
+
+def _alignment(unit: torch.Tensor, core: np.ndarray) -> np.ndarray:
+    """Cosine of each residual with the core's mean residual (the trigger); a core member is compared with the
+    mean of the others, so it does not vouch for itself."""
+    members = unit[torch.as_tensor(core)]
+    total = members.sum(0)
+    direction = total / total.norm().clamp_min(1e-12)
+    out = (unit @ direction).numpy().astype(np.float64)
+    others = total[None] - members
+    out[core] = ((members * others).sum(1) / others.norm(dim=1).clamp_min(1e-12)).numpy()
+    return out

@@ -130,18 +130,24 @@ def _backdoor(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays
     names = d.get("class_names") or []
     label = _class_label(names)
-    out = [f'<p class="meta">Evidence per training example: its label persists under {d.get("overlays")} overlays '
-           "with held-out inputs of other classes (beyond what held-out examples of its class show) and it looks like "
-           "another class to a nearest-neighbour classifier fitted on held-out inputs. Counts per class are compared "
-           "across classes (median and MAD); a suspect class is confirmed by stamping the trigger reconstructed from "
-           "its flagged examples on held-out inputs.</p>"]
+    out = [f'<p class="meta">Evidence per training example that looks like another class (to a nearest-neighbour '
+           f"classifier fitted on held-out inputs): its label persists under {d.get('overlays')} overlays with held-out "
+           "inputs of other classes (beyond what held-out examples of its class show), or its residual (what its "
+           "look-alikes lack) is shared with examples of its label that look like yet other classes. Counts per class "
+           "are compared across classes (median and MAD); in a suspect class, examples whose residual aligns with the "
+           "trigger's are flagged, and the class is confirmed by stamping the reconstructed trigger on held-out "
+           "inputs.</p>"]
     if d.get("suspicious_per_class"):
-        out += ["<h4>Persistent, disagreeing training examples per label</h4>",
-                bar_chart(names, {"count": d["suspicious_per_class"]}, ymax=_count_axis(d["suspicious_per_class"]),
+        series = {"persistent": d["suspicious_per_class"]}
+        if d.get("shared_per_class"):
+            series["shared residual"] = d["shared_per_class"]
+        out += ["<h4>Training examples per label that look like another class and persist, or share a residual</h4>",
+                bar_chart(names, series, ymax=_count_axis([c for v in series.values() for c in v]),
                           title="suspicious examples per class")]
     for t in d.get("targets", []):
         out.append(f"<p>Target <b>{escape(label(t['target']))}</b>: {t['flagged']} flagged; the reconstructed trigger "
-                   f"flips {t['success_rate']:.0%} of held-out inputs (control {t['control_rate']:.0%}).</p>")
+                   f"flips {t['success_rate']:.0%} of held-out inputs (control {t['control_rate']:.0%}"
+                   + (f", McNemar z {t['z']:.1f}" if "z" in t else "") + ").</p>")
     if "trigger" in a:
         img = perturbation_image(a["trigger"])
         if img is not None:
