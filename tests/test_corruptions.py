@@ -96,3 +96,20 @@ def test_corruptions_check_on_tabular_data(tmp_path):
     r = brittle.audit(model, (x, y), checks=["corruptions"], config={"model": {"bounds": [-10, 10]}})["corruptions"]
     assert r.details["kind"] == "tabular" and set(r.details["per_type"]) == set(TABULAR)
     assert r.metrics["clean_accuracy"] == 1.0 and r.metrics["mean_corruption_accuracy"] < 1.0
+
+
+def test_resume_refuses_a_replaced_reference_model(tmp_path, tiny_model, blobs, files):
+    """Models named in check options are fingerprinted by content: replacing one between an interrupted run and
+    --resume must not mix two models' results."""
+    from brittle.errors import ResumeMismatchError
+
+    model_path, _ = files
+    reference = tmp_path / "reference.ts"
+    reference.write_bytes(model_path.read_bytes())
+    x, y = blobs
+    cfg = {"corruptions": {"corruptions": ["contrast"], "severities": [3], "reference_model": str(reference)}}
+    brittle.audit(tiny_model, (x, y), checks=["corruptions"], config=cfg, out=tmp_path / "a")
+    brittle.audit(tiny_model, (x, y), checks=["corruptions"], config=cfg, out=tmp_path / "a", resume=True)
+    reference.write_bytes(model_path.read_bytes() + b"\0")  # same path, other content
+    with pytest.raises(ResumeMismatchError):
+        brittle.audit(tiny_model, (x, y), checks=["corruptions"], config=cfg, out=tmp_path / "a", resume=True)

@@ -82,6 +82,7 @@ class AuditConfig(BaseModel):
         payload = self.model_dump(mode="json")
         payload.pop("gates")  # gates decide the verdict, not the numbers; changing one reuses the work
         payload["resolved_options"] = {c: self.options_for(c).model_dump(mode="json") for c in self.selected_checks()}
+        payload["model_file_digests"] = {c: self.options_for(c).file_digests() for c in self.selected_checks()}
         payload["model"] = {k: payload["model"][k] for k in ("bounds", "mean", "std")}
         return json.dumps(payload, sort_keys=True)
 

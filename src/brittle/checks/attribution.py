@@ -16,6 +16,7 @@ from .base import AuditContext, Check, CheckOptions, Needs, load_other_model
 
 
 class AttributionOptions(CheckOptions):
+    model_files = ("other_models",)
     max_targets: int = Field(20, ge=1, le=1000, description="audit points to explain (errors first)")
     max_train: int = Field(20000, ge=10, description="training examples used (a seeded subset above this)")
     proj_dim: int | None = Field(None, ge=16, description="None: exact gradients for Linear-only models, else 2048")

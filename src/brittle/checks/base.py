@@ -22,6 +22,7 @@ from .._atomic import write_npz
 from .._progress import Progress
 from ..backends import Backend, LocalBackend
 from ..loading.data import Dataset
+from ..loading.models import file_sha256
 from ..model import ModelAdapter
 from ..result import CheckResult, Finding
 
@@ -36,9 +37,21 @@ class CheckOptions(BaseModel):
     """Base for every check's options: unknown keys are errors, so `stepz = 10` never passes silently."""
 
     model_config = ConfigDict(extra="forbid")
+    model_files: ClassVar[tuple[str, ...]] = ()  # fields naming model files: their content joins the fingerprint
 
     def validate_against(self, bounds: tuple[float, float]) -> None:
         """Checks that need the model's input domain (e.g. eps against the bounds). Override when needed."""
+
+    def file_digests(self) -> dict[str, str]:
+        """SHA-256 of every existing file the `model_files` fields name, so that replacing one between an
+        interrupted run and --resume is a fingerprint mismatch, not a silent mix of two models' results."""
+        out = {}
+        for name in self.model_files:
+            value = getattr(self, name)
+            for path in [value] if isinstance(value, str) else list(value or []):
+                if Path(path).is_file():
+                    out[path] = file_sha256(Path(path))
+        return out
 
 
 @dataclass(frozen=True)

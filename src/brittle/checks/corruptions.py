@@ -26,6 +26,7 @@ from .base import AuditContext, Check, CheckOptions, Needs, load_other_model, st
 
 
 class CorruptionsOptions(CheckOptions):
+    model_files = ("reference_model", "other_models")
     corruptions: list[str] | None = Field(None, description="corruption names (default: every one that applies)")
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
     max_samples: int = Field(1000, ge=20, description="audit points used (a seeded subset)")
