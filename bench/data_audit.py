@@ -140,6 +140,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(2)
     results: dict = {"backdoor": {}, "label_errors": {}, "shortcuts": {}}
+
     def stem(label: str) -> str:  # cache file name of a planted set's model (the seed is added by `trained`)
         return label.replace(" ", "_").replace(",", "").replace("%", "pct")
 
