@@ -76,3 +76,12 @@ def train_tiny_for_lds(x, y, *, seed: int):
     """A training function for `brittle attribute --evaluate-lds` (tests.conftest:train_tiny_for_lds). The same
     initial weights every time (full-batch training is then deterministic): margins move only with the subset."""
     return train_tiny(x.numpy(), y.numpy(), steps=100, seed=0)
+
+
+TRAININGS: list[int] = []  # training-set sizes seen by train_tiny_digits, for tests that count trainings
+
+
+def train_tiny_digits(x, y, *, seed: int):
+    """A training function for `[label_errors] train_fn` (tests.conftest:train_tiny_digits): 10 classes."""
+    TRAININGS.append(len(y))
+    return train_tiny(x.numpy(), y.numpy(), classes=10, steps=100, seed=seed)

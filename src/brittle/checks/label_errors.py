@@ -2,10 +2,12 @@
 
 What users most often get wrong is the probabilities: the audited model has fitted its own training labels,
 wrong ones included, so its in-sample softmax hides the errors. Here every training example is scored by a
-cheap model that never saw it: K-fold k-nearest-neighbours on the audited model's penultimate features
-(standardised; the model's logits where it has no feature layer). The features come from one forward pass;
-the K fits take seconds. cleanlab's `find_label_issues` then flags (plus the examples whose label gets
-almost no out-of-sample probability), and self-confidence ranks.
+model that never saw it. By default a cheap one: K-fold k-nearest-neighbours on the audited model's
+penultimate features (standardised; the model's logits where it has no feature layer); the features come
+from one forward pass, the K fits take seconds. With `train_fn` (the user's training function), the model
+itself is retrained K times, each time without one fold (cleanlab's own recipe; K trainings, resumable per
+fold). cleanlab's `find_label_issues` then flags (plus the examples whose label gets almost no out-of-sample
+probability), and self-confidence ranks.
 """
 
 from __future__ import annotations
@@ -14,19 +16,37 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
+from torch import nn
 
+from ..errors import UsageError
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, missing_packages, status_from_findings
+from .base import AuditContext, Check, CheckOptions, Needs, missing_packages, shard_seed, status_from_findings
+
 
 class LabelErrorOptions(CheckOptions):
     folds: int = Field(5, ge=2, le=50, description="K of the K-fold out-of-sample probabilities")
-    estimator: Literal["knn", "logistic"] = Field("knn", description="the cheap model fitted on the features")
+    estimator: Literal["knn", "logistic", "retrain"] | None = Field(
+        None, description="the out-of-sample model: knn or logistic on the audited model's features, or retrain "
+        "through train_fn (default: retrain when train_fn is given, else knn)")
+    train_fn: str | None = Field(None, description="'package.module:function' called as fn(x, y, seed=...); it "
+                                 "trains and returns a model that takes the inputs as the audited model does")
     neighbours: int = Field(25, ge=1, description="k of the k-nearest-neighbours estimator")
     min_label_support: float = Field(0.1, ge=0, le=1, description="also flag examples whose given label gets less "
                                      "than this out-of-sample probability")
     max_share: float = Field(0.01, ge=0, le=1, description="a flagged share above this is a finding")
     examples_shown: int = Field(16, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _retrain_needs_a_function(self) -> "LabelErrorOptions":
+        if self.estimator == "retrain" and not self.train_fn:
+            raise ValueError("estimator 'retrain' needs train_fn = 'package.module:function' (it is called as "
+                             "fn(x, y, seed=...) and returns the trained model)")
+        return self
+
+    @property
+    def method(self) -> str:
+        return self.estimator or ("retrain" if self.train_fn else "knn")
 
 
 class LabelErrors(Check):
@@ -52,11 +72,15 @@ class LabelErrors(Check):
         from cleanlab.filter import find_label_issues
         train = ctx.train_data
         y = train.y.numpy()
-        ctx.progress.message(f"label_errors: out-of-sample probabilities for {len(y)} training examples ({o.folds}-fold)")
-        _, embedding, space = ctx.model.logits_and_embedding(train.x)
-        embedding = embedding.numpy().astype(np.float64)
-        probs = out_of_sample_probabilities(embedding, y, folds=o.folds, estimator=o.estimator,
-                                            neighbours=o.neighbours, seed=ctx.seed)
+        if o.method == "retrain":
+            probs = self._retrained_probabilities(ctx)
+            space = None  # no features: the user's model, retrained
+        else:
+            ctx.progress.message(f"label_errors: out-of-sample probabilities for {len(y)} training examples "
+                                 f"({o.folds}-fold {o.method})")
+            _, embedding, space = ctx.model.logits_and_embedding(train.x)
+            probs = out_of_sample_probabilities(embedding.numpy().astype(np.float64), y, folds=o.folds,
+                                                estimator=o.method, neighbours=o.neighbours, seed=ctx.seed)
         quality = probs[np.arange(len(y)), y]  # self-confidence: cleanlab's default label quality score
         # cleanlab prunes an estimated number per class and can stop short of examples whose label no
         # out-of-sample neighbour shares; on MNIST those were most of its misses.
@@ -74,8 +98,8 @@ class LabelErrors(Check):
                 {"flagged": int(flagged.sum()), "share": share, "top": train.positions(order[:20]).tolist()}))
         per_class = [int(flagged[y == c].sum()) for c in range(probs.shape[1])]
         shown = order[: o.examples_shown]
-        details = {"estimator": o.estimator, "folds": o.folds, "embedding": space, "class_names": names,
-                   "flagged_per_class": per_class,
+        details = {"estimator": o.method, "train_fn": o.train_fn, "folds": o.folds, "embedding": space,
+                   "class_names": names, "flagged_per_class": per_class,
                    "out_of_sample_accuracy": float((suggested == y).mean())}
         arrays = {"train_index": train.positions(np.arange(len(y))), "flagged": flagged, "label_quality": quality.astype(np.float32),
                   "suggested_label": suggested, "example_index": train.positions(shown),
@@ -84,6 +108,44 @@ class LabelErrors(Check):
                   "example_quality": quality[shown].astype(np.float32)}
         metrics = {"label_issue_share": share, "label_issues": int(flagged.sum())}
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
+
+    def _retrained_probabilities(self, ctx: AuditContext) -> np.ndarray:
+        """K-fold: train through the user's function without each fold, predict the fold. Each fold's
+        probabilities are saved as they come, so an interrupted run resumes at the next training."""
+        from sklearn.model_selection import StratifiedKFold
+
+        from ..loading.models import import_callable
+
+        o = self.options
+        train = ctx.train_data
+        y = train.y.numpy()
+        fit_fn = import_callable(o.train_fn, "train function", "it must train and return an nn.Module")
+        probs = np.zeros((len(y), int(y.max()) + 1))
+        splits = StratifiedKFold(o.folds, shuffle=True, random_state=ctx.seed % 2**32).split(np.zeros(len(y)), y)
+        ctx.progress.start(f"label_errors: {o.folds} trainings through {o.train_fn}", o.folds)
+        for k, (fit, held) in enumerate(splits):
+            saved = ctx.state.load(f"fold{k}")
+            if saved is None or not np.array_equal(saved["held"], held):
+                model = fit_fn(train.x[torch.as_tensor(fit)], train.y[torch.as_tensor(fit)],
+                               seed=shard_seed(ctx.seed, self.id, k))
+                if not isinstance(model, nn.Module):
+                    raise UsageError(f"The train function {o.train_fn!r} returned {type(model).__name__}, not an "
+                                     "nn.Module.")
+                model.eval()
+                with torch.no_grad():
+                    logits = torch.cat([model(part) for part in train.x[torch.as_tensor(held)].split(512)])
+                if logits.dim() != 2 or len(logits) != len(held) or logits.shape[1] < probs.shape[1]:
+                    raise UsageError(f"The model from {o.train_fn!r} returned outputs of shape "
+                                     f"{tuple(logits.shape)} for {len(held)} inputs; it must return one row of at least "
+                                     f"{probs.shape[1]} class scores per input.")
+                saved = {"held": held, "probs": torch.softmax(logits.double(), 1).numpy()}
+                ctx.state.save(f"fold{k}", saved)
+            if saved["probs"].shape[1] > probs.shape[1]:  # the model knows classes absent from the labels
+                probs = np.pad(probs, ((0, 0), (0, saved["probs"].shape[1] - probs.shape[1])))
+            probs[held, : saved["probs"].shape[1]] = saved["probs"]
+            ctx.progress.advance()
+        ctx.progress.finish()
+        return probs
 
 
 def out_of_sample_probabilities(embedding: np.ndarray, y: np.ndarray, *, folds: int, estimator: str, neighbours: int,

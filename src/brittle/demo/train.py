@@ -27,6 +27,14 @@ def train_classifier(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, ep
     return model.eval()
 
 
+def fit_demo_cnn(x, y, *, seed: int = 0) -> torch.nn.Module:
+    """A training function in the form brittle's options take (`train_fn = "brittle.demo.train:fit_demo_cnn"`):
+    inputs and labels (tensors or arrays) in, a trained DemoCNN out."""
+    x, y = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
+    torch.manual_seed(seed)
+    return train_classifier(DemoCNN(channels=x.shape[1], num_classes=int(y.max()) + 1), x, y, seed=seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data import demo_data
 

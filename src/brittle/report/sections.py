@@ -326,9 +326,12 @@ def _certified(r: CheckResult, audit: AuditResult) -> str:
 @section_renderer("label_errors")
 def _label_errors(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays
-    out = [f'<p class="meta">Out-of-sample probabilities: {d.get("folds")}-fold {escape(str(d.get("estimator")))} on the '
-           f'model\'s {escape(str(d.get("embedding")))} (out-of-sample accuracy {d.get("out_of_sample_accuracy", 0):.3f}); '
-           "flagged by cleanlab's confident learning, ranked by self-confidence.</p>"]
+    source = (f"the model retrained {d.get('folds')} times through {escape(str(d.get('train_fn')))}, each time "
+              "without the fold it predicts" if d.get("estimator") == "retrain" else
+              f"{d.get('folds')}-fold {escape(str(d.get('estimator')))} on the model's {escape(str(d.get('embedding')))}")
+    out = [f'<p class="meta">Out-of-sample probabilities: {source} (out-of-sample accuracy '
+           f'{d.get("out_of_sample_accuracy", 0):.3f}); flagged by cleanlab\'s confident learning, ranked by '
+           "self-confidence.</p>"]
     names = d.get("class_names") or []
     if d.get("flagged_per_class"):
         out += ["<h4>Flagged labels per given class</h4>", bar_chart(names, {"flagged": d["flagged_per_class"]},
