@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, status_from_findings
+from .base import AuditContext, Check, CheckOptions, Needs, robust_z, status_from_findings
 
 MIN_REFERENCE_PER_CLASS = 10  # held-out examples a class needs for its own persistence null
 RESIDUAL_DIMS = 1024  # residuals of larger inputs are projected to this many dimensions
@@ -103,7 +103,7 @@ class Backdoor(Check):
         sharing = disagree & (shared >= o.shared_share)
         counts = np.bincount(y_tr[persistent], minlength=classes)
         shared_counts = np.bincount(y_tr[sharing], minlength=classes)
-        z, shared_z = _robust_z(counts), _robust_z(shared_counts)
+        z, shared_z = robust_z(counts, pad=1.0), robust_z(shared_counts, pad=1.0)  # counts: small integers
         outlier = ((counts >= o.min_poisons) & (z >= o.outlier_z)) | \
                   ((shared_counts >= o.min_poisons) & (shared_z >= o.outlier_z))
         candidates = [int(c) for c in np.argsort(-np.maximum(counts, shared_counts), kind="stable") if outlier[c]]
@@ -117,10 +117,8 @@ class Backdoor(Check):
             # class is then judged by how well its residual aligns with it, against the other classes' misfits.
             core = (y_tr == t) & (persistent | sharing)
             aligned = _alignment(unit_residual, core)
-            null = aligned[disagree & (y_tr != t)]
-            med = float(np.median(null)) if len(null) else 0.0
-            spread = 1.4826 * float(np.median(np.abs(null - med))) if len(null) else 1.0
-            members = (y_tr == t) & disagree & ((aligned - med) / max(spread, 1e-6) >= o.alignment_z)
+            against_misfits = robust_z(aligned, aligned[disagree & (y_tr != t)])
+            members = (y_tr == t) & disagree & (against_misfits >= o.alignment_z)
             alignment[y_tr == t] = aligned[y_tr == t]
             confirm = self._confirm(model, x_tr, y_tr, x_ref, y_ref, t, members, looks_like, g)
             triggers.append(confirm.pop("trigger"))
@@ -226,12 +224,6 @@ def _other_class_partners(y: np.ndarray, pool_y: np.ndarray, g: np.random.Genera
             break
         partner[same] = g.integers(0, len(pool_y), int(same.sum()))
     return partner
-
-
-def _robust_z(counts: np.ndarray) -> np.ndarray:
-    """Each class's count against the others': median and MAD (+1: counts are small integers, a MAD of 0 is common)."""
-    med = float(np.median(counts))
-    return (counts - med) / (1.4826 * float(np.median(np.abs(counts - med))) + 1.0)
 
 
 def _content_and_residual(x_ref: torch.Tensor, y_ref: np.ndarray, x: torch.Tensor, classes: int, k: int

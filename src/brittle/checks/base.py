@@ -27,7 +27,7 @@ from ..model import ModelAdapter
 from ..result import CheckResult, Finding
 
 __all__ = ["Check", "Needs", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "get_check", "status_from_findings", "shard_seed",
-           "missing_packages", "DATA_EXTRA", "load_other_model"]
+           "robust_z", "missing_packages", "DATA_EXTRA", "load_other_model"]
 
 REGISTRY: dict[str, type["Check"]] = {}
 _ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -102,6 +102,17 @@ class AuditContext:
         """Count passes of work reused from a saved state, so a resumed run reports the full cost."""
         self.credited[0] += forward
         self.credited[1] += backward
+
+
+def robust_z(values: np.ndarray, reference: np.ndarray | None = None, *, pad: float = 1e-6) -> np.ndarray:
+    """How far each value lies from the reference (default: the values themselves) in robust units: median and
+    MAD scaled to a normal's sigma. `pad` is added to that sigma: a MAD of 0 must not divide by zero, and small
+    integer counts need a whole unit. An empty reference counts as median 0, sigma 1."""
+    ref = values if reference is None else reference
+    if len(ref) == 0:
+        return (values - 0.0) / (1.0 + pad)
+    med = float(np.median(ref))
+    return (values - med) / (1.4826 * float(np.median(np.abs(ref - med))) + pad)
 
 
 def shard_seed(seed: int, check_id: str, shard: int) -> int:

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, status_from_findings
+from .base import AuditContext, Check, CheckOptions, Needs, robust_z, status_from_findings
 
 
 class ShortcutOptions(CheckOptions):
@@ -68,9 +68,7 @@ class Shortcuts(Check):
                 occluded[..., i:i + side, j:j + side] = fill[..., i:i + side, j:j + side]
                 drop[c, k] = float((base - torch.softmax(model.logits(occluded, batch_size=1024), 1)[:, c]).mean())
         specificity = drop - np.median(drop, axis=0, keepdims=True)
-        med = float(np.median(specificity))
-        spread = 1.4826 * float(np.median(np.abs(specificity - med))) + 1e-6
-        z = (specificity - med) / spread
+        z = robust_z(specificity)
         order = np.dstack(np.unravel_index(np.argsort(-z, axis=None), z.shape))[0]
 
         names = train.class_names or ref.class_names or [str(i) for i in range(classes)]
