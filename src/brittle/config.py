@@ -81,8 +81,9 @@ class AuditConfig(BaseModel):
         """What of the config decides the numbers, as canonical JSON."""
         payload = self.model_dump(mode="json")
         payload.pop("gates")  # gates decide the verdict, not the numbers; changing one reuses the work
-        payload["resolved_options"] = {c: self.options_for(c).model_dump(mode="json") for c in self.selected_checks()}
-        payload["model_file_digests"] = {c: self.options_for(c).file_digests() for c in self.selected_checks()}
+        options = {c: self.options_for(c) for c in self.selected_checks()}
+        payload["resolved_options"] = {c: o.model_dump(mode="json") for c, o in options.items()}
+        payload["model_file_digests"] = {c: o.file_digests() for c, o in options.items()}
         payload["model"] = {k: payload["model"][k] for k in ("bounds", "mean", "std")}
         return json.dumps(payload, sort_keys=True)
 
