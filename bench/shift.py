@@ -4,7 +4,9 @@
 
 Two CNNs trained on the 4,000 training digits (seeds 0 and 1). The 1,000 test digits are split in two
 halves: the source half (clean, labelled) fits the estimators and is the monitor's reference; the target
-half is corrupted by every corruption x severity (18 types on grey digits: `saturate` needs colour).
+half is corrupted by every corruption x severity (18 types on grey digits: `saturate` needs colour), and
+moved geometrically: translated by 1-4 pixels and rotated by 15-60 degrees (a random direction per image),
+shifts the corruptions do not cover.
 - Accuracy estimates of the first model on each corrupted target vs its true accuracy: mean absolute error
   per method, the largest error, and how many errors over 30 pp came without a warning.
 - Drift: windows of 200 target images (clean for the false-alarm rate, corrupted for power), against the
@@ -32,6 +34,25 @@ from brittle.corruptions import corrupt, corruption_names  # noqa: E402
 from brittle.drift import drift_test, input_view, ks_2samp  # noqa: E402
 from brittle.label_free import estimate_accuracy, fit_source  # noqa: E402
 from brittle.model import ModelAdapter  # noqa: E402
+
+
+GEOMETRIC = {"translate": (1, 2, 3, 4), "rotate": (15, 30, 45, 60)}
+
+
+def geometric(x: torch.Tensor, kind: str, amount: float, seed: int = 0) -> torch.Tensor:
+    """Each image moved by `amount` (pixels, or degrees) in a random direction, zero-filled."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(x)
+    if kind == "translate":
+        angle = torch.randint(0, 4, (n,), generator=g).float() * (np.pi / 2)
+        shift = torch.stack([torch.cos(angle), torch.sin(angle)], 1) * amount * 2 / x.shape[-1]
+        theta = torch.cat([torch.eye(2).expand(n, 2, 2), -shift[:, :, None]], 2)
+    else:
+        angle = (torch.randint(0, 2, (n,), generator=g).float() * 2 - 1) * np.deg2rad(amount)
+        c, s_ = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([c, -s_, torch.zeros(n)], 1), torch.stack([s_, c, torch.zeros(n)], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def main() -> None:
@@ -69,27 +90,30 @@ def main() -> None:
         far["monitor"].append(r.drift)
         far["ks"].append(min(ks_2samp(p_ref[:, c], torch.softmax(torch.from_numpy(clean_logits[0][idx]), 1).numpy()[:, c])[1]
                              for c in range(10)) < 0.05 / 10)
-    for name in names:
-        for sev in range(1, 6):
-            xc = corrupt(x_tgt, name, sev, seed=0)
-            logits, emb = outputs(xc)
-            truth = float((logits[0].argmax(1) == y_tgt).mean())
-            t0 = time.perf_counter()
-            est = estimate_accuracy(fit, logits)
-            t_est += time.perf_counter() - t0
-            probs = torch.softmax(torch.from_numpy(logits[0]), 1).numpy()
-            view = input_view(xc)
-            t0 = time.perf_counter()
-            det_m, det_k = [], []
-            for w in range(args.windows):
-                idx = g.choice(500, args.window, replace=False)
-                det_m.append(drift_test(p_ref, src_emb, probs[idx], emb[idx], v_ref, view[idx], seed=w).drift)
-                det_k.append(min(ks_2samp(p_ref[:, c], probs[idx, c])[1] for c in range(10)) < 0.05 / 10)
-            t_drift += time.perf_counter() - t0
-            rows.append(dict(name=name, severity=sev, truth=truth, est=est, monitor=np.mean(det_m), ks=np.mean(det_k)))
+    shifts = [(name, sev, lambda n=name, s=sev: corrupt(x_tgt, n, s, seed=0)) for name in names for sev in range(1, 6)]
+    shifts += [(kind, k + 1, lambda kind=kind, a=a: geometric(x_tgt, kind, a)) for kind, amounts in GEOMETRIC.items()
+               for k, a in enumerate(amounts)]
+    for name, sev, make in shifts:
+        xc = make()
+        logits, emb = outputs(xc)
+        truth = float((logits[0].argmax(1) == y_tgt).mean())
+        t0 = time.perf_counter()
+        est = estimate_accuracy(fit, logits)
+        t_est += time.perf_counter() - t0
+        probs = torch.softmax(torch.from_numpy(logits[0]), 1).numpy()
+        view = input_view(xc)
+        t0 = time.perf_counter()
+        det_m, det_k = [], []
+        for w in range(args.windows):
+            idx = g.choice(500, args.window, replace=False)
+            det_m.append(drift_test(p_ref, src_emb, probs[idx], emb[idx], v_ref, view[idx], seed=w).drift)
+            det_k.append(min(ks_2samp(p_ref[:, c], probs[idx, c])[1] for c in range(10)) < 0.05 / 10)
+        t_drift += time.perf_counter() - t0
+        rows.append(dict(name=name, severity=sev, truth=truth, est=est, monitor=np.mean(det_m), ks=np.mean(det_k)))
 
     methods = list(rows[0]["est"].methods) + ["estimate"]
-    print(f"## Accuracy without labels ({len(rows)} corrupted sets of 500, {args.models} models)\n")
+    print(f"## Accuracy without labels ({len(rows)} shifted sets of 500: corruptions x 5 severities, translations "
+          f"and rotations x 4; {args.models} models)\n")
     print("| method | MAE (pp) | max error (pp) | sets off > 30 pp |")
     print("|---|---|---|---|")
     for m in methods:
@@ -101,6 +125,15 @@ def main() -> None:
     print(f"\nestimate: off > 30 pp without a warning: {int(((err > 0.3) & ~warned).sum())}; off > 15 pp without a "
           f"warning: {int(((err > 0.15) & ~warned).sum())}; warned: {int(warned.sum())} sets; truth inside the "
           f"interval: {inside.mean():.2f}; {1000 * t_est / len(rows):.0f} ms per estimate")
+    for kind in GEOMETRIC:
+        part = [r for r in rows if r["name"] == kind]
+        print(f"  {kind}: " + "; ".join(
+            f"{a}{'px' if kind == 'translate' else ' deg'} truth {r['truth']:.2f} estimate {r['est'].estimate:.2f} "
+            f"[{r['est'].interval[0]:.2f}, {r['est'].interval[1]:.2f}] warnings {len(r['est'].warnings)}"
+            for a, r in zip(GEOMETRIC[kind], part)))
+        missed = [r for r in part if not (r["est"].interval[0] <= r["truth"] <= r["est"].interval[1])
+                  and not r["est"].warnings]
+        print(f"    truth outside the interval without a warning: {len(missed)} of {len(part)}")
     worst = sorted(rows, key=lambda r: -abs(r["est"].estimate - r["truth"]))[:5]
     for r in worst:
         print(f"  {r['name']} s{r['severity']}: truth {r['truth']:.2f} estimate {r['est'].estimate:.2f} "
@@ -109,7 +142,7 @@ def main() -> None:
     print("| test | false alarms | power sev 1 | sev 2 | sev 3 | sev 4 | sev 5 |")
     print("|---|---|---|---|---|---|---|")
     for key, label in (("monitor", "brittle monitor (KS, feature MMD, input MMD; alpha/3 each)"), ("ks", "KS on probabilities alone")):
-        power = [np.mean([r[key] for r in rows if r["severity"] == s]) for s in range(1, 6)]
+        power = [np.mean([r[key] for r in rows if r["severity"] == s and r["name"] not in GEOMETRIC]) for s in range(1, 6)]
         print(f"| {label} | {np.mean(far[key]):.3f} | " + " | ".join(f"{p:.2f}" for p in power) + " |")
     print(f"\ndrift tests: {1000 * t_drift / (len(rows) * args.windows):.0f} ms per window")
     truth_acc = np.array([r["truth"] for r in rows])

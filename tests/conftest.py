@@ -85,3 +85,40 @@ def train_tiny_digits(x, y, *, seed: int):
     """A training function for `[label_errors] train_fn` (tests.conftest:train_tiny_digits): 10 classes."""
     TRAININGS.append(len(y))
     return train_tiny(x.numpy(), y.numpy(), classes=10, steps=100, seed=seed)
+
+
+def check_report_html(html: str) -> None:
+    """What a reader of report.html must never see: escaped entities as text, raw Python dicts, links that go
+    nowhere. Every href is an anchor of the same file (the report is one self-contained file)."""
+    from html.parser import HTMLParser
+
+    class Reader(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.text, self.ids, self.hrefs, self.skip = [], set(), [], 0
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag in ("style", "script"):
+                self.skip += 1
+            if "id" in attrs:
+                self.ids.add(attrs["id"])
+            if tag == "a" and "href" in attrs:
+                self.hrefs.append(attrs["href"])
+
+        def handle_endtag(self, tag):
+            if tag in ("style", "script"):
+                self.skip -= 1
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.text.append(data)
+
+    r = Reader()
+    r.feed(html)
+    visible = " ".join(r.text)
+    assert "&#" not in visible and "&amp;" not in visible and "&lt;" not in visible, "escaped twice"
+    assert "{'" not in visible and "['" not in visible, "a raw Python dict or list in the visible text"
+    assert " -0%" not in visible and "(-0%" not in visible
+    for href in r.hrefs:
+        assert href.startswith("#") and href[1:] in r.ids, f"link {href!r} goes nowhere"

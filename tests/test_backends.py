@@ -112,7 +112,7 @@ def test_resume_across_backends(tiny_model, blobs, local_run, tmp_path):
 
 
 def test_backend_options_are_checked():
-    with pytest.raises(UsageError, match="need --backend process or --backend ray"):
+    with pytest.raises(UsageError, match="need backend process or ray"):
         make_backend("local", workers=4)
     with pytest.raises(UsageError, match="one of local, process, ray"):
         make_backend("dask")

@@ -116,6 +116,8 @@ def test_certified_check_end_to_end(tmp_path, blobs, tiny_model):
     assert all(c <= e for c, e in zip(curve["certified"], curve["empirical"]))
     assert r.arrays["status"].shape == (40,) and set(np.unique(r.arrays["status"])) <= {0, 1, 2}
     assert 0 <= m["smoothed_certified_accuracy"] <= 1
-    skipped = brittle.audit(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 3)),
-                            (x, y), checks=["certified"])["certified"]
-    assert skipped.status == "skipped" and "MaxPool2d" in skipped.details.get("reason", str(skipped))
+    unsupported = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 3))
+    with pytest.raises(UsageError, match="'certified' was asked for but cannot run here: .*MaxPool2d"):
+        brittle.audit(unsupported, (x, y), checks=["certified"])  # asked for by name: refused before any work
+    skipped = brittle.audit(unsupported, (x, y), checks=None, config={"certified": {"max_samples": 4}})
+    assert skipped["certified"].status == "skipped" and "MaxPool2d" in skipped["certified"].reason

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from brittle.cli import main
@@ -141,4 +143,85 @@ def test_resume_refuses_a_different_run(files, tmp_path, capsys):
             "--quiet"]
     assert main(base) == 0
     assert main(base + ["--resume", "--seed", "5"]) == 2
-    assert "different model, data, config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "changed since it was started: the configuration" in err and "Use --overwrite" in err
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(files, tmp_path):
+    model, data = files
+    p = run_cli("audit", "--model", model, "--data", data, "--checks", "accuracy,calibration", "--out", tmp_path / "o")
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert any(re.match(r"^\[ *\d+\.\d+s\] accuracy: running$", line) for line in lines), p.stderr
+    assert any(re.match(r"^\[ *\d+\.\d+s\] calibration: pass in \d+\.\d+ s$", line) for line in lines), p.stderr
+    assert "\r" not in p.stderr  # no bar redrawn in place in a log
+
+
+def test_the_python_api_prints_progress_when_asked(tiny_model, blobs, capsys):
+    import brittle
+
+    brittle.audit(tiny_model, blobs, checks=["accuracy"], progress=True)
+    assert "accuracy: pass in" in capsys.readouterr().err
+    brittle.audit(tiny_model, blobs, checks=["accuracy"])
+    assert capsys.readouterr().err == ""  # silent by default
+
+
+def test_negative_bounds_and_a_factory_beside_the_data(tmp_path):
+    """`--bounds -5,15` means what it says, and a factory in the working folder imports as `python -m` would."""
+    pkg = tmp_path / "mymodels"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text("import torch\n\ndef make_mlp():\n    torch.manual_seed(0)\n"
+                                 "    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), "
+                                 "torch.nn.Linear(8, 2))\n")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nets_for_weights", pkg / "nets.py")
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    torch.save(nets.make_mlp().state_dict(), tmp_path / "w.pt")
+    g = np.random.default_rng(0)
+    x = g.uniform(-4, 14, size=(80, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=(x[:, 0] > 5).astype(np.int64))
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    p = subprocess.run([sys.executable, "-m", "brittle.cli", "audit", "--model", "mymodels.nets:make_mlp", "--weights",
+                        "w.pt", "--data", "d.npz", "--bounds", "-5,15", "--checks", "accuracy", "--out", "o"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    # Out of bounds: a tabular user is told about bounds, in the form the command line takes.
+    p = subprocess.run([sys.executable, "-m", "brittle.cli", "audit", "--model", "mymodels.nets:make_mlp", "--weights",
+                        "w.pt", "--data", "d.npz", "--checks", "accuracy", "--out", "o2"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert p.returncode == 2 and "--bounds=-4,14" in p.stderr and "never rescales" in p.stderr, p.stderr
+
+
+def test_missing_target_names_the_target_option(files, tmp_path, capsys):
+    model, data = files
+    assert main(["estimate", "--model", str(model), "--data", str(data), "--target", str(tmp_path / "no.npz")]) == 2
+    assert "check the path given as --target" in capsys.readouterr().err
+    import brittle
+
+    with pytest.raises(brittle.InputError, match="check the path given as target"):
+        brittle.estimate_accuracy(str(model), str(data), str(tmp_path / "no.npz"))
+
+
+def test_monitor_and_estimate_print_a_verdict(files, tmp_path, capsys):
+    model, data = files
+    assert main(["monitor", "--model", str(model), "--reference", str(data), "--batch", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no drift: 240 new inputs against 240 reference inputs") and "class whose probability" in out
+    assert main(["estimate", "--model", str(model), "--data", str(data), "--target", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("estimated accuracy") and "optimal-transport" in out
+    assert main(["estimate", "--model", str(model), "--data", str(data), "--target", str(data), "--json"]) == 0
+    assert "estimate" in json.loads(capsys.readouterr().out)
+
+
+def test_pgd_takes_a_loss_name_like_apgd(tiny_model, blobs):
+    from brittle.attacks import PGD
+
+    x, y = (torch.from_numpy(a[:16]) for a in blobs)
+    adv = PGD(eps=0.1, steps=3, loss="ce")(tiny_model, x, y)
+    assert adv.shape == x.shape and float((adv - x).abs().max()) <= 0.1 + 1e-6
+    with pytest.raises(ValueError, match="'loss' parameter of PGD must be one of"):
+        PGD(eps=0.1, loss="hinge")

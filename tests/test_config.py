@@ -2,6 +2,7 @@ import pytest
 
 from brittle import AuditConfig, UsageError, load_config
 from brittle.gates import parse_gate
+from brittle.plan import resolve
 
 
 def _write(tmp_path, text):
@@ -23,15 +24,15 @@ norm = "linf"
 eps = 0.1
 steps = 10
 """))
-    cfg.validate_all()
-    assert cfg.seed == 3 and cfg.options_for("adversarial").norm == "Linf"
-    assert cfg.parsed_gates()[0].threshold == 0.5
+    plan = resolve(cfg)
+    assert cfg.seed == 3 and plan.options["adversarial"].norm == "Linf"
+    assert plan.gates[0].threshold == 0.5
 
 
 @pytest.mark.parametrize("text, match", [
     ("[adversarial]\neps = 8\n", r"(?i)did you mean 8/255 = 0.03137"),
     ("[adversarial]\nstepz = 10\n", r"unknown key \[adversarial\] 'stepz' \(did you mean 'steps'\?\)"),
-    ("[adverserial]\neps = 0.1\n", r"unknown key 'adverserial' \(did you mean 'adversarial'\?\)"),
+    ("[adverserial]\neps = 0.1\n", r"Unknown config table \[adverserial\] \(did you mean 'adversarial'\?\)"),
     ("[adversarial]\neps = -0.1\n", r"eps: Input should be greater than 0 \(got -0.1\)"),
     ("[adversarial]\nnorm = 'L7'\n", r"norm"),
     ("gates = ['adversarial.robust_acc >= 0.5']\n", r"does not report; its metrics"),
@@ -42,8 +43,7 @@ steps = 10
 ])
 def test_bad_configs_are_rejected_with_a_hint(tmp_path, text, match):
     with pytest.raises(UsageError, match=match):
-        cfg = load_config(_write(tmp_path, text))
-        cfg.validate_all()
+        resolve(load_config(_write(tmp_path, text)))
 
 
 def test_gate_on_unknown_check():
@@ -52,5 +52,5 @@ def test_gate_on_unknown_check():
 
 
 def test_config_from_dict_matches_toml():
-    cfg = AuditConfig.from_dict({"adversarial": {"eps": 0.2}, "checks": ["adversarial"]})
-    assert cfg.options_for("adversarial").eps == 0.2 and cfg.selected_checks() == ["adversarial"]
+    plan = resolve(AuditConfig.from_dict({"adversarial": {"eps": 0.2}, "checks": ["adversarial"]}))
+    assert plan.options["adversarial"].eps == 0.2 and plan.checks == ["adversarial"]

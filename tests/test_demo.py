@@ -5,6 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from brittle._atomic import _umask
+from tests.conftest import check_report_html
+
 pytest.importorskip("mlxtend")
 
 
@@ -23,4 +26,7 @@ def test_demo_runs_a_real_audit(tmp_path):
     poisoned = np.load(tmp_path / "demo" / "inputs" / "train.npz")["poisoned"]
     flagged = np.load(tmp_path / "demo" / "report" / "arrays" / "backdoor.npz")["flagged"]
     assert poisoned[flagged].mean() >= 0.9 and poisoned[flagged].sum() >= 0.9 * poisoned.sum()
-    assert (tmp_path / "demo" / "report" / "report.html").stat().st_size > 10_000
+    html = (tmp_path / "demo" / "report" / "report.html").read_text()
+    assert len(html) > 10_000
+    check_report_html(html)
+    assert oct((tmp_path / "demo" / "report" / "report.html").stat().st_mode & 0o777) == oct(0o666 & ~_umask())

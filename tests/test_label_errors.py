@@ -53,8 +53,10 @@ def test_clean_labels_stay_quiet():
 
 
 def test_without_training_data_the_check_is_skipped(tiny_model, blobs):
-    r = brittle.audit(tiny_model, blobs, checks=["label_errors"])["label_errors"]
-    assert r.status == "skipped" and "--train-data" in r.reason
+    with pytest.raises(brittle.UsageError, match="'label_errors' was asked for .* pass train_data"):
+        brittle.audit(tiny_model, blobs, checks=["label_errors"])  # the Python API names its own argument
+    r = brittle.audit(tiny_model, blobs, config={"model": {}, "label_errors": {"folds": 3}})["label_errors"]
+    assert r.status == "skipped" and "train_data" in r.reason
 
 
 def test_retraining_through_a_train_function_is_out_of_sample_and_resumes_per_fold(tmp_path):

@@ -35,7 +35,8 @@ def test_csv_with_label_column(tmp_path):
     (tmp_path / "t.csv").write_text("a,b,label\n0.1,0.2,yes\n0.3,0.4,no\n0.5,0.6,yes\n")
     d = load_data(tmp_path / "t.csv", label_column="label")
     assert d.x.shape == (3, 2) and d.class_names == ["no", "yes"] and d.y.tolist() == [1, 0, 1]
-    with pytest.raises(UsageError, match="label-column"):
+    assert d.feature_names == ["a", "b"]  # named in reports
+    with pytest.raises(UsageError, match="label_column"):  # the Python API names its own argument
         load_data(tmp_path / "t.csv")
     with pytest.raises(InputError, match="no column named 'target'"):
         load_data(tmp_path / "t.csv", label_column="target")

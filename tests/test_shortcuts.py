@@ -1,7 +1,10 @@
-"""Shortcuts: a class-dependent marker present in training and absent at test is found and located."""
+"""Shortcuts: a class-dependent marker present in training and absent at test is found and located; a digit's own
+strokes are not; a mark whose position encodes the label is one finding."""
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 import brittle
 from tests.conftest import train_tiny
@@ -46,3 +49,47 @@ def test_a_planted_marker_is_named_with_its_location_and_the_accuracy_that_depen
 def test_clean_digits_have_no_shortcut():
     r = _audit(marker=False)
     assert r.status == "pass" and r.metrics["shortcuts_found"] == 0
+
+
+def _small_cnn(x, y, seed=0, epochs=12):
+    """A small CNN like the one the false alarms were seen on (two convolutions, max pooling)."""
+    torch.manual_seed(seed)
+    side = x.shape[-1]
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * (side // 2) ** 2, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt, g = torch.from_numpy(x), torch.from_numpy(y), torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt), generator=g).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_digits_own_strokes_are_no_shortcut(seed):
+    """A CNN on 8x8 digits relies on 2x2 strokes that carry a class (they are candidates), but their training and
+    held-out pictures agree: no finding."""
+    x_tr, y_tr, x_te, y_te = _digits(marker=False, seed=seed)
+    model = _small_cnn(x_tr, y_tr, seed)
+    r = brittle.audit(model, (x_te, y_te), train_data=(x_tr, y_tr), checks=["shortcuts"],
+                      config={"seed": seed})["shortcuts"]
+    assert r.metrics["shortcuts_found"] == 0 and r.status == "pass"
+    relied = [c for c in r.details["candidates"] if c["relied_on"]]
+    assert relied and not any(c["absent_at_test"] for c in relied)  # relied on, but the same at test
+
+
+def test_a_mark_whose_position_encodes_the_label_is_one_finding():
+    """A one-pixel mark in the top row at a class-dependent column, on 95% of the training images only."""
+    x_tr, y_tr, x_te, y_te = _digits(marker=False)
+    x_tr, x_te = (np.kron(a, np.ones((1, 1, 2, 2), np.float32)) for a in (x_tr, x_te))  # 16x16: a column per class
+    marked = np.random.default_rng(1).random(len(y_tr)) < 0.95
+    x_tr[marked, 0, 0, y_tr[marked]] = 1.0
+    model = _small_cnn(x_tr, y_tr)
+    r = brittle.audit(model, (x_te, y_te), train_data=(x_tr, y_tr), checks=["shortcuts"])["shortcuts"]
+    assert r.metrics["shortcuts_found"] == 1 and len(r.findings) == 1
+    finding = r.findings[0]
+    assert "readable from rows 0-1" in finding.message and len(finding.evidence["classes"]) >= 3
+    assert finding.evidence["readable_train"] > 0.5 > finding.evidence["readable_heldout"] + 0.1
+    assert finding.evidence["accuracy"] - finding.evidence["accuracy_occluded"] > 0.01

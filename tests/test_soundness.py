@@ -83,6 +83,26 @@ def test_saturated_logits_give_the_unwrapped_models_number(tiny_model, blobs, pl
     r = _run(Saturated(tiny_model), blobs)
     assert "adversarial.saturated-softmax" in _fired(r)
     assert abs(r.metrics["robust_accuracy"] - plain.metrics["robust_accuracy"]) <= 0.02
+    # Settled by escalation: a note on how the number was obtained, not a warning about it.
+    note = next(f for f in r.findings if f.id == "adversarial.saturated-softmax")
+    assert note.severity == "info" and r.metrics["reliable"] is True
+    assert r.status == plain.status
+
+
+def _soundness_warnings(result) -> bool:
+    return any(f.severity in ("medium", "high") for f in result.findings if f.id != "adversarial.not-robust")
+
+
+def test_reliable_and_the_findings_agree(tiny_model, blobs, plain):
+    from brittle import ModelAdapter
+
+    box = ModelAdapter(lambda x: tiny_model(x).detach(), differentiable=False, name="box", source_fingerprint="box")
+    black_box = audit(box, blobs, checks=["adversarial"], config={"adversarial": {**FAST, "escalated_queries": 100}})
+    results = [plain, _run(Saturated(tiny_model), blobs), _run(Thresholded(tiny_model), blobs),
+               black_box["adversarial"]]
+    for r in results:
+        assert r.metrics["reliable"] is (not _soundness_warnings(r)), r.findings
+    assert black_box["adversarial"].metrics["reliable"] is False  # only the weaker black-box attack could run
 
 
 def test_probability_outputs_are_attacked_through_their_log(tiny_model, blobs, plain):

@@ -487,12 +487,13 @@ def attribute(model, train_data, data, *, other_models=(), targets: int | list[i
     `train_data` (labelled). `model`, data: what `brittle.audit` takes; `other_models`: more models or checkpoints
     of the same classes and input domain for the ensemble. With `store`, features are kept in that folder and
     an interrupted run continues there."""
-    from .runner import _as_config, prepare_data, prepare_model, prepare_other_model
+    from .config import as_config
+    from .prepare import prepare_data, prepare_model, prepare_other_model
 
-    cfg = _as_config(config)
+    cfg = as_config(config)
     first = prepare_model(model, cfg)
-    train = prepare_data(train_data, first, cfg, role="train_data", subsample=False)
-    test = prepare_data(data, first, cfg, role="data", subsample=False)
+    train = prepare_data(train_data, first, cfg, role="train_data")
+    test = prepare_data(data, first, cfg, role="data")
     adapters = [first] + [prepare_other_model(o, cfg, like=first, x_example=train.x) for o in other_models]
     if train.y is None or test.y is None:
         raise UsageError("Attribution needs labels in the training data and in the data to explain "

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import UsageError
+from .errors import UsageError, arg
 
 __all__ = ["Backend", "LocalBackend", "ProcessBackend", "RayBackend", "Task", "make_backend"]
 
@@ -199,7 +199,8 @@ class RayBackend(Backend):
         except _InitTimeout:
             raise UsageError(f"ray.init() did not finish within {timeout:g} s. Ray needs a working loopback "
                              "interface (127.0.0.1) and free local ports; check `ip addr show lo`, or pass "
-                             "--address HOST:PORT of a running cluster, or use --backend process.") from None
+                             f"{arg('address')} HOST:PORT of a running cluster, or use {arg('backend')} "
+                             "process.") from None
         except Exception as exc:
             raise UsageError(f"Ray could not start: {type(exc).__name__}: {exc}") from None
         self._started = self.address is None
@@ -270,8 +271,8 @@ def _check_loopback() -> None:
                 pass
     except OSError as exc:
         raise UsageError(f"Ray needs the loopback interface, and 127.0.0.1 is not usable here ({exc}). "
-                         "Bring it up (`ip link set lo up`), pass --address of a running cluster, or use "
-                         "--backend process.") from None
+                         f"Bring it up (`ip link set lo up`), give {arg('address')} of a running cluster, or use "
+                         f"{arg('backend')} process.") from None
 
 
 def make_backend(name: str | Backend | None, *, workers: int | None = None, address: str | None = None) -> Backend:
@@ -279,11 +280,11 @@ def make_backend(name: str | Backend | None, *, workers: int | None = None, addr
         return name
     if name in (None, "local"):
         if workers not in (None, 1) or address:
-            raise UsageError("--workers and --address need --backend process or --backend ray.")
+            raise UsageError(f"{arg('workers')} and {arg('address')} need {arg('backend')} process or ray.")
         return LocalBackend()
     if name == "process":
         if address:
-            raise UsageError("--address is for --backend ray.")
+            raise UsageError(f"{arg('address')} is for {arg('backend')} ray.")
         return ProcessBackend(workers)
     if name == "ray":
         return RayBackend(address=address, workers=workers)

@@ -47,11 +47,12 @@ def calibrate(model, data, out: str | Path | None = None, *, config=None) -> Cal
     `model` and `data` take what `brittle.audit` takes. The fit is on all of `data`: give data the model
     was not trained on (a validation split), and audit on other data.
     """
-    from .runner import _as_config, prepare_data, prepare_model
+    from .config import as_config
+    from .prepare import prepare_data, prepare_model
 
-    cfg = _as_config(config)
+    cfg = as_config(config)
     adapter = prepare_model(model, cfg)
-    ds = prepare_data(data, adapter, cfg, role="data", subsample=False)
+    ds = prepare_data(data, adapter, cfg, role="data")
     if ds.y is None:
         raise UsageError(f"{ds.source}: calibration needs labels; give labelled held-out data.")
     logits = adapter.logits(ds.x).numpy().astype(np.float64)

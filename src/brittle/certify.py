@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import UsageError, arg
 
 __all__ = ["Network", "network_from", "network_from_module", "ibp_margins", "crown_margins", "alpha_crown_margins", "input_box"]
 
@@ -62,7 +62,8 @@ def _flatten_chain(module: nn.Module, path: str = "model") -> list[nn.Module]:
         return [module]
     if isinstance(module, torch.jit.ScriptModule):
         raise UsageError(f"Certification reads TorchScript only when it is an nn.Sequential; {path} is a "
-                         f"{kind}. Give the model as a factory with weights (--model pkg.mod:fn --weights w.pt).")
+                         f"{kind}. Give the model as a factory with weights ({arg('model')} pkg.mod:fn with "
+                         f"{arg('weights')} w.pt).")
     if not any(True for _ in module.children()):
         raise UsageError(f"Certification does not support {kind} ({path}). Supported: {SUPPORTED}.")
     return _traced_chain(module, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import traceback
 import warnings
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from ._progress import Progress
 from ._version import __version__
-from .errors import BrittleError, UsageError
+from .errors import BrittleError, UsageError, command_line
 
 EXIT_PASS, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -60,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--other-model", action="append", default=[],
                    help="another model file of the same classes and input domain (repeat for more): "
                         "adds agreement-based estimates")
-    e.add_argument("--out", help="write the result as JSON here (it is printed too)")
+    e.add_argument("--out", help="write the result as JSON here")
+    e.add_argument("--json", action="store_true", help="print the JSON result instead of the summary")
     _common(e)
 
     t = sub.add_parser("attribute", help="trace predictions back to the training examples that drive them (TRAK)")
@@ -94,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--beta", type=float, default=6.0, help="TRADES weight of the robustness term")
     r.add_argument("--sigma", type=float, default=0.25, help="noise level for noise training")
     r.add_argument("--ramp-epochs", type=int, default=0, help="epochs to ramp eps up (default: a third, pgd/trades/ibp)")
-    r.add_argument("--bounds", help="input bounds 'low,high' (default 0,1)")
+    r.add_argument("--bounds", help="input bounds 'low,high' (default 0,1), e.g. --bounds -5,15")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _common(r)
@@ -104,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--reference", required=True, help="data the model was validated on (labels not needed)")
     m.add_argument("--batch", required=True, help="the new inputs")
     m.add_argument("--alpha", type=float, default=0.05, help="false-alarm rate of the alert (default 0.05)")
-    m.add_argument("--out", help="write the result as JSON here (it is printed too)")
+    m.add_argument("--out", help="write the result as JSON here")
+    m.add_argument("--json", action="store_true", help="print the JSON result instead of the summary")
     _common(m)
     return p
 
@@ -121,7 +124,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factory-kwargs", help="JSON object of keyword arguments for the factory")
     p.add_argument("--config", help="audit.toml: checks, options, gates, model bounds and normalisation")
     p.add_argument("--label-column", help="label column of CSV data")
-    p.add_argument("--bounds", help="input bounds 'low,high' (default 0,1)")
+    p.add_argument("--bounds", help="input bounds 'low,high' (default 0,1), e.g. --bounds -5,15 for tabular features")
     p.add_argument("--mean", help="per-channel normalisation mean, e.g. 0.4914,0.4822,0.4465 (applied inside the model)")
     p.add_argument("--std", help="per-channel normalisation std")
 
@@ -217,7 +220,7 @@ def _cmd_monitor(args, progress: Progress) -> int:
     from .drift import monitor
 
     result = monitor(None, args.reference, args.batch, alpha=args.alpha, config=_config_from_args(args))
-    _emit_json(result.to_json(), args)
+    _emit(result.to_json(), result.summary(), args)
     return EXIT_GATE_FAILED if result.drift else EXIT_PASS
 
 
@@ -225,19 +228,20 @@ def _cmd_estimate(args, progress: Progress) -> int:
     from .label_free import estimate
 
     result = estimate(None, args.data, args.target, other_models=args.other_model, config=_config_from_args(args))
-    _emit_json(result.to_json(), args)
+    _emit(result.to_json(), result.summary(), args)
     return EXIT_PASS
 
 
-def _emit_json(payload: dict, args) -> None:
-    """A command's JSON result: written to --out when given, printed unless --quiet."""
+def _emit(payload: dict, summary: str, args) -> None:
+    """A command's result: the JSON written to --out when given; printed, unless --quiet, as the summary a person
+    reads (or as the JSON with --json)."""
     text = json.dumps(payload, indent=2)
     if args.out:
         from ._atomic import write_text
 
         write_text(Path(args.out), text)
     if not args.quiet:
-        print(text)
+        print(text if args.json else summary + (f"\n(JSON: {args.out})" if args.out else ""))
 
 
 def _cmd_attribute(args, progress: Progress) -> int:
@@ -260,12 +264,12 @@ def _cmd_attribute(args, progress: Progress) -> int:
     summary = result.summary()
     if args.evaluate_lds:
         from .loading.models import import_callable
-        from .runner import prepare_data, prepare_model
+        from .prepare import prepare_data, prepare_model
 
         train_fn = import_callable(args.train_fn, "train function", "it must train and return an nn.Module")
         adapter = prepare_model(None, cfg)
-        train = prepare_data(args.train_data, adapter, cfg, role="train_data", subsample=False)
-        test = prepare_data(args.data, adapter, cfg, role="data", subsample=False).subset(np.arange(len(result.scores)))
+        train = prepare_data(args.train_data, adapter, cfg, role="train_data")
+        test = prepare_data(args.data, adapter, cfg, role="data").subset(np.arange(len(result.scores)))
         lds = evaluate_lds(result.scores, train_fn, train.x, train.y, test.x, test.y, subsets=args.subsets,
                            seeds=args.seeds, progress=progress)
         summary["lds"] = {k: v for k, v in lds.items() if k != "per_target"}
@@ -320,8 +324,25 @@ def _cmd_checks(args, progress: Progress) -> int:
     return EXIT_PASS
 
 
+# Options whose value may start with a minus sign; argparse would take "-5,15" for an option.
+_SIGNED_VALUES = ("--bounds", "--mean", "--std")
+
+
+def _join_signed_values(argv: list[str]) -> list[str]:
+    """`--bounds -5,15` as `--bounds=-5,15`, which is what the user meant."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _SIGNED_VALUES and i + 1 < len(argv) and re.match(r"^-\.?\d", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_join_signed_values(list(sys.argv[1:] if argv is None else argv)))
     progress = Progress.for_terminal(quiet=args.quiet)
     # Only the CLI decides what reaches the terminal; torch's deprecation notes are not the user's problem.
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -331,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                 "estimate": _cmd_estimate, "attribute": _cmd_attribute,
                 "train": _cmd_train}
     try:
-        return handlers[args.command](args, progress)
+        with command_line():
+            return handlers[args.command](args, progress)
     except BrittleError as exc:
         print(f"brittle: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,22 +1,22 @@
 """The audit configuration (audit.toml), validated strictly at the boundary.
 
 Top-level keys: `seed`, `checks` (ids to run; default all), `gates` (list of 'check.metric OP number'),
-`[model]` (bounds, mean, std, ...), `[data]`, and one table per check id with that check's options.
+`[model]` (bounds, mean, std, ...), `[data]`, `[threat]` (norm, eps: the threat model every robustness check
+shares), and one table per check id with that check's options.
 Unknown keys and impossible values are rejected with the key, the value and a hint.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import UsageError
-from .gates import Gate, parse_gate
+from .attacks.geometry import normalise_norm
+from .errors import UsageError, arg
 from .loading.models import ModelSpec
 
 if sys.version_info >= (3, 11):
@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["AuditConfig", "DataOptions", "load_config"]
+__all__ = ["AuditConfig", "DataOptions", "ThreatModel", "DEFAULT_EPS", "load_config", "as_config"]
 
 
 class DataOptions(BaseModel):
@@ -34,7 +34,44 @@ class DataOptions(BaseModel):
     max_samples: int | None = Field(None, ge=1)  # evaluate a seeded random subset of this size
 
 
+DEFAULT_EPS = {"Linf": 8 / 255, "L2": 0.5}
+
+
+class ThreatModel(BaseModel):
+    """The perturbations the robustness checks (adversarial, certified) measure against, shared unless a
+    check's own table overrides `norm` or `eps`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    norm: str = Field("Linf", description="Linf or L2 (any case)")
+    eps: float | None = Field(None, gt=0, description="radius in input units (default 8/255 for Linf, 0.5 for L2)")
+    eps_curve: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0],
+                                   description="fractions of eps at which the certified check also reports")
+
+    @field_validator("norm", mode="before")
+    @classmethod
+    def _norm(cls, v: str) -> str:
+        return normalise_norm(v)
+
+    @field_validator("eps_curve")
+    @classmethod
+    def _curve(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 4 for f in v):
+            raise ValueError(f"eps_curve must list fractions of eps in (0, 4]; got {v}")
+        return v
+
+    @property
+    def radius(self) -> float:
+        return self.eps if self.eps is not None else DEFAULT_EPS[self.norm]
+
+    def describe(self) -> str:
+        return f"{self.norm} eps {self.radius:g}"
+
+
 class AuditConfig(BaseModel):
+    """The configuration of one audit. Check tables are kept as given here; `brittle.plan.resolve` validates them
+    against the registered checks (this module knows no checks, so that checks may read configuration)."""
+
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
@@ -42,72 +79,32 @@ class AuditConfig(BaseModel):
     gates: list[str] = Field(default_factory=list)
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataOptions = Field(default_factory=DataOptions)
+    threat: ThreatModel | None = None
     check_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
-    def parsed_gates(self) -> list[Gate]:
-        return [parse_gate(g) for g in self.gates]
-
-    def selected_checks(self) -> list[str]:
-        from .checks import available_checks
-
-        return list(self.checks) if self.checks is not None else available_checks()
-
-    def options_for(self, check_id: str):
-        """The validated options object for one check."""
-        from .checks import REGISTRY
-
-        cls = REGISTRY[check_id].Options
-        try:
-            return cls(**self.check_options.get(check_id, {}))
-        except ValidationError as exc:
-            raise UsageError(_explain(exc, f"[{check_id}]", cls)) from None
-
-    def validate_all(self) -> "AuditConfig":
-        """Check ids, gate expressions, and every check's options against the model's bounds."""
-        from .checks import REGISTRY, available_checks
-
-        for cid in (self.checks or []):
-            if cid not in REGISTRY:
-                raise UsageError(f"Unknown check {cid!r}{_did_you_mean(cid, REGISTRY)}; available: {available_checks()}.")
-        for cid in self.check_options:
-            if cid not in REGISTRY:
-                raise UsageError(f"Unknown config table [{cid}]{_did_you_mean(cid, REGISTRY)}.")
-        self.parsed_gates()
-        for cid in self.selected_checks():
-            self.options_for(cid).validate_against(self.model.bounds)
-        return self
-
-    def fingerprint_payload(self) -> str:
-        """What of the config decides the numbers, as canonical JSON."""
-        payload = self.model_dump(mode="json")
-        payload.pop("gates")  # gates decide the verdict, not the numbers; changing one reuses the work
-        options = {c: self.options_for(c) for c in self.selected_checks()}
-        payload["resolved_options"] = {c: o.model_dump(mode="json") for c, o in options.items()}
-        payload["model_file_digests"] = {c: o.file_digests() for c, o in options.items()}
-        payload["model"] = {k: payload["model"][k] for k in ("bounds", "mean", "std")}
-        return json.dumps(payload, sort_keys=True)
+    @classmethod
+    def top_level_keys(cls) -> list[str]:
+        return sorted(set(cls.model_fields) - {"check_options"})
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "AuditConfig":
-        from .checks import REGISTRY
-
+        """Top-level keys are fields; every other table holds one check's options (checked by `plan.resolve`)."""
         raw = dict(raw)
-        fields = set(cls.model_fields) - {"check_options"}
+        fields = set(cls.top_level_keys())
         check_options = {}
         for key in list(raw):
             if key in fields:
                 continue
             value = raw.pop(key)
-            if key in REGISTRY and isinstance(value, dict):
+            if isinstance(value, dict):
                 check_options[key] = value
             else:
-                known = sorted(fields | set(REGISTRY))
-                raise UsageError(f"{source}: unknown key {key!r}{_did_you_mean(key, known)}; top-level keys are "
-                                 f"{sorted(fields)} and one table per check {sorted(REGISTRY)}.")
+                raise UsageError(f"{source}: unknown key {key!r}{did_you_mean(key, fields)}; top-level keys are "
+                                 f"{sorted(fields)} and one table per check (see `brittle checks`).")
         try:
             cfg = cls(**raw, check_options=check_options)
         except ValidationError as exc:
-            raise UsageError(f"{source}: " + _explain(exc, "", cls)) from None
+            raise UsageError(f"{source}: " + explain(exc, "", cls)) from None
         return cfg
 
 
@@ -116,7 +113,7 @@ def load_config(path: str | Path | None) -> AuditConfig:
         return AuditConfig()
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"No config file at {p}: check the path given to --config.")
+        raise UsageError(f"No config file at {p}: check the path given as {arg('config')}.")
     try:
         raw = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -124,21 +121,32 @@ def load_config(path: str | Path | None) -> AuditConfig:
     return AuditConfig.from_dict(raw, source=str(p))
 
 
-def _did_you_mean(key: str, known) -> str:
+def did_you_mean(key: str, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _explain(exc: ValidationError, where: str, model_cls: type[BaseModel]) -> str:
+def explain(exc: ValidationError, where: str, model_cls: type[BaseModel]) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1])
             known = list(model_cls.model_fields) if len(err["loc"]) == 1 else []
-            lines.append(f"unknown key {where + ' ' if where else ''}{loc!r}{_did_you_mean(key, known)}"
+            lines.append(f"unknown key {where + ' ' if where else ''}{loc!r}{did_you_mean(key, known)}"
                          + (f"; known keys: {known}" if known else ""))
         else:
             value = err.get("input")
             lines.append(f"{where + ' ' if where else ''}{loc}: {err['msg']} (got {value!r})")
     return "; ".join(lines)
+
+
+def as_config(config) -> AuditConfig:
+    """An AuditConfig from what the Python API accepts: None, a path to a TOML file, a dict or a config."""
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config)
+    if isinstance(config, AuditConfig):
+        return config
+    if isinstance(config, dict):
+        return AuditConfig.from_dict(config)
+    raise UsageError(f"config must be an AuditConfig, a dict or a path to a TOML file; got {type(config).__name__}.")

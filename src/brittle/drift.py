@@ -37,6 +37,21 @@ class DriftResult:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """What `brittle monitor` prints: the verdict on one line, then each test with what it looked at."""
+        tests = 3 if self.input_mmd or self.input_mmd_p < 1 else 2
+        level = self.alpha / tests
+        k = max(len(self.ks_p_values), 1)
+        verdict = "DRIFT" if self.drift else "no drift"
+        lines = [f"{verdict}: {self.n_batch} new inputs against {self.n_reference} reference inputs (false-alarm rate "
+                 f"at most {self.alpha:g}; each of the {tests} tests at {level:.3g})",
+                 f"  outputs   per-class KS on the predicted probabilities: smallest p {self.ks_min_p:.3g}, for class "
+                 f"{self.ks_class} (the class whose probability distribution moved most); fires below "
+                 f"{level / k:.3g} (Bonferroni over {k} classes)",
+                 f"  features  MMD on the model's {self.embedding or 'embedding'}: p {self.mmd_p:.3g}",
+                 f"  inputs    MMD on the inputs themselves: p {self.input_mmd_p:.3g} (sees changes the model ignores)"]
+        return "\n".join(lines)
+
 
 def ks_2samp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """Two-sample KS statistic and its asymptotic p-value (Stephens' small-sample correction)."""
@@ -84,14 +99,15 @@ def monitor(model, reference, batch, *, alpha: float = 0.05, permutations: int =
             seed: int = 0, config=None) -> DriftResult:
     """Compare `batch` with `reference` (each: what `brittle.audit` takes as data; labels are not used)."""
     from .errors import UsageError
-    from .runner import _as_config, prepare_data, prepare_model
+    from .config import as_config
+    from .prepare import prepare_data, prepare_model
 
     if not 0 < alpha < 1:
         raise UsageError(f"The 'alpha' parameter must be in (0, 1); got {alpha!r}.")
-    cfg = _as_config(config)
+    cfg = as_config(config)
     adapter = prepare_model(model, cfg)
-    ref = prepare_data(reference, adapter, cfg, role="reference", subsample=False)
-    new = prepare_data(batch, adapter, cfg, role="batch", subsample=False)
+    ref = prepare_data(reference, adapter, cfg, role="reference")
+    new = prepare_data(batch, adapter, cfg, role="batch")
     if len(new) < 10 or len(ref) < 10:
         raise UsageError(f"Drift tests need at least 10 inputs on each side; got reference {len(ref)}, batch {len(new)}.")
     g = np.random.default_rng(seed)

@@ -92,6 +92,27 @@ class AccuracyEstimate:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """What `brittle estimate` prints: the estimate on one line, then each method and every warning."""
+        low, high = self.interval
+        lines = [f"estimated accuracy {self.estimate:.1%} (interval {low:.1%} to {high:.1%}) on {self.n} inputs"
+                 + (f"; true accuracy {self.true_accuracy:.1%} (the target has labels)"
+                    if self.true_accuracy is not None else "")]
+        for name, value in self.methods.items():
+            lines.append(f"  {name:<15}{value:7.1%}  {METHOD_NAMES.get(name, '')}")
+        lines += [f"  warning: {w}" for w in self.warnings] or ["  no warning fired"]
+        return "\n".join(lines)
+
+
+METHOD_NAMES = {
+    "confidence": "mean top-class probability after temperature scaling",
+    "doc": "source accuracy moved by the change in mean confidence (DoC)",
+    "atc": "share of inputs above the source's confidence threshold (ATC)",
+    "cot": "1 - optimal-transport cost from predictions to the source's label mix (COT; half the estimate)",
+    "gde": "agreement with the other models (GDE)",
+    "agreement_line": "accuracy moved as far as agreement moved, in probit space (half the estimate)",
+}
+
 
 def fit_source(logits: list[np.ndarray] | np.ndarray, y: np.ndarray, *, num_classes: int | None = None) -> SourceFit:
     """Fit on labelled source data. `logits`: the audited model's (N, K) logits, or a list, audited model first."""
@@ -170,12 +191,13 @@ def estimate(model, source, target, *, other_models=(), config=None) -> Accuracy
     models of the same classes and input domain (paths or modules); with them, agreement-based estimates join.
     """
     from .errors import UsageError
-    from .runner import _as_config, prepare_data, prepare_model, prepare_other_model
+    from .config import as_config
+    from .prepare import prepare_data, prepare_model, prepare_other_model
 
-    cfg = _as_config(config)
+    cfg = as_config(config)
     first = prepare_model(model, cfg)
-    src = prepare_data(source, first, cfg, role="source", subsample=False)
-    tgt = prepare_data(target, first, cfg, role="target", subsample=False)
+    src = prepare_data(source, first, cfg, role="source")
+    tgt = prepare_data(target, first, cfg, role="target")
     if src.y is None:
         raise UsageError(f"The source data {src.source} has no labels: the estimators are fitted on labelled "
                          "validation data.")

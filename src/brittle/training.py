@@ -30,7 +30,7 @@ from torch import nn
 
 from ._atomic import write_bytes, write_text
 from ._progress import Progress
-from .errors import UsageError
+from .errors import UsageError, arg
 
 __all__ = ["TrainConfig", "TrainResult", "train", "METHODS"]
 
@@ -171,15 +171,16 @@ def train(factory: str, data, *, out: str | Path, factory_kwargs: dict | None = 
     if resume and ckpt_path.is_file():
         saved = torch.load(ckpt_path, weights_only=True)
         if json.loads(saved["meta"]) != meta:
-            raise UsageError(f"{ckpt_path} was made with another factory, configuration or data; use another --out "
-                             "or drop --resume.")
+            raise UsageError(f"{ckpt_path} was made with another factory, configuration or data; use another "
+                             f"{arg('out')} or drop {arg('resume', 'True')}.")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         g.set_state(saved["generator"])
         torch.set_rng_state(saved["torch"])
         start, history = int(saved["epoch"]), json.loads(saved["history"])
     elif ckpt_path.is_file() and not resume:
-        raise UsageError(f"{out} already has a training run; pass --resume to continue it or choose another --out.")
+        raise UsageError(f"{out} already has a training run; pass {arg('resume', 'True')} to continue it or choose "
+                         f"another {arg('out')}.")
     progress = progress or Progress()
     n = len(ds)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size

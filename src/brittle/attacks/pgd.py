@@ -9,7 +9,7 @@ import torch
 from ..model import ModelAdapter
 from .base import Attack
 from .geometry import project, random_start
-from .losses import margin, margin_loss
+from .losses import LOSSES, margin
 
 __all__ = ["PGD", "ascent_direction"]
 
@@ -26,11 +26,15 @@ class PGD(Attack):
 
     def __init__(self, *, norm: str = "Linf", eps: float, steps: int = 50, restarts: int = 1,
                  step_size: float | None = None,
-                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = margin_loss):
+                 loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "margin"):
         super().__init__(norm=norm, eps=eps)
         if steps < 1 or restarts < 1:
             raise ValueError(f"PGD needs steps >= 1 and restarts >= 1; got steps={steps}, restarts={restarts}.")
-        self.steps, self.restarts, self.loss = int(steps), int(restarts), loss
+        if isinstance(loss, str) and loss not in LOSSES or not (isinstance(loss, str) or callable(loss)):
+            raise ValueError(f"The 'loss' parameter of PGD must be one of {sorted(LOSSES)} or a function (logits, "
+                             f"labels) -> per-sample loss; got {loss!r}.")
+        self.steps, self.restarts = int(steps), int(restarts)
+        self.loss = LOSSES[loss] if isinstance(loss, str) else loss
         # Madry et al.'s 2.5 * eps / steps lets a run cross the ball from one side to the other.
         self.step_size = float(step_size) if step_size else 2.5 * self.eps / self.steps
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, status_from_findings
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, status_from_findings
 
 
 class AccuracyOptions(CheckOptions):
@@ -20,6 +20,12 @@ class Accuracy(Check):
     metrics = ("accuracy", "balanced_accuracy", "worst_class_accuracy", "n")
     Options = AccuracyOptions
     order = 10
+    findings = {
+        "accuracy.weak-class": FindingDoc(
+            "medium",
+            "A class is more than `weak_class_gap` (default 0.15) below the overall accuracy. Evidence: the "
+            "classes and their accuracies."),
+    }
 
     def run(self, ctx: AuditContext) -> CheckResult:
         logits = ctx.model.logits(ctx.data.x)

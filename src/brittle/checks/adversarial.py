@@ -23,17 +23,17 @@ from ..attacks.engine import Plan, evaluate_shard
 from ..attacks.geometry import normalise_norm
 from ..attacks.soundness import ZERO_GRADIENT_SHARE, Probe, gradient_health, is_random, outputs_probabilities, robust_fraction
 from ..backends import Task
-from ..errors import UsageError
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, shard_seed, status_from_findings
+from ..config import DEFAULT_EPS, ThreatModel
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, shard_seed, status_from_findings, validate_eps
 
 FIRST_CHECKPOINT = 0.22  # APGD's first step-size checkpoint, as a fraction of the run
 LATE_GAIN_SHARE = 0.1  # share of robust points whose loss still rose at the end that fires not-converged
 
 
 class AdversarialOptions(CheckOptions):
-    norm: Literal["Linf", "L2"] = "Linf"
-    eps: float = Field(8 / 255, gt=0)
+    norm: Literal["Linf", "L2"] | None = Field(None, description="default: the threat model's ([threat] norm)")
+    eps: float | None = Field(None, gt=0, description="default: the threat model's ([threat] eps)")
     steps: int = Field(100, ge=1, le=100_000, description="APGD iterations per run")
     first_steps: int = Field(25, ge=1, description="iterations of the cheap first APGD-CE run")
     n_targets: int = Field(3, ge=1, description="classes attacked by targeted APGD-DLR")
@@ -56,15 +56,16 @@ class AdversarialOptions(CheckOptions):
 
     @field_validator("norm", mode="before")
     @classmethod
-    def _norm(cls, v: str) -> str:
-        return normalise_norm(v)
+    def _norm(cls, v: str | None) -> str | None:
+        return None if v is None else normalise_norm(v)
+
+    def with_threat(self, threat: ThreatModel) -> "AdversarialOptions":
+        norm = self.norm or threat.norm
+        eps = self.eps if self.eps is not None else (threat.radius if norm == threat.norm else DEFAULT_EPS[norm])
+        return self.model_copy(update={"norm": norm, "eps": eps})
 
     def validate_against(self, bounds: tuple[float, float]) -> None:
-        span = bounds[1] - bounds[0]
-        if self.norm == "Linf" and self.eps > span:
-            hint = f" Did you mean {self.eps:g}/255 = {self.eps / 255:.4g}?" if self.eps >= 1 and span <= 1 else ""
-            raise UsageError(f"The 'eps' option of [adversarial] must be at most the input range {span:g} "
-                             f"for norm Linf (inputs lie in [{bounds[0]:g}, {bounds[1]:g}]); got {self.eps:g}.{hint}")
+        validate_eps("adversarial", self.norm, self.eps, bounds)
 
 
 class Adversarial(Check):
@@ -75,6 +76,73 @@ class Adversarial(Check):
                "forward_passes_per_point", "backward_passes_per_point")
     Options = AdversarialOptions
     order = 50
+    findings_intro = (
+        "An evaluation that a defence can fool is worse than none. The check runs soundness probes (see "
+        "[adversarial.md](adversarial.md)); when one fires, the engine **escalates** rather than only warning. A "
+        "probe that escalation settled is reported as `info` (a note on how the number was obtained); one it did not "
+        "settle is `high`, sets `metrics.reliable = false`, and the report marks the robust accuracy as unreliable "
+        "(an upper bound that may be far too high). `reliable` is false exactly when a soundness finding of "
+        "`medium` or `high` severity is present. Gate on it: `gates = [\"adversarial.reliable == 1\"]`.")
+    findings = {
+        "adversarial.not-robust": FindingDoc(
+            "medium or high",
+            "Verified adversarial examples bring robust accuracy below half of the clean accuracy (high: below a "
+            "tenth). Evidence: clean and robust accuracy, eps, norm. The HTML report shows the most fragile "
+            "examples with their perturbations."),
+        "adversarial.random-forward": FindingDoc(
+            "info when escalation settled it, high when it did not",
+            "Two forward passes on the same inputs differ (dropout left on, input noise, a random defence). "
+            "Escalation: gradients are averaged over `eot_samples` draws (expectation over transformation, "
+            "Athalye et al. 2018), and a point counts as broken only when the majority of `votes` forwards "
+            "misclassify its adversarial example (clean correctness is decided by the same vote). Settled."),
+        "adversarial.probability-outputs": FindingDoc(
+            "info when escalation settled it, high when it did not",
+            "The outputs lie in the simplex. Escalation: attacks differentiate the logarithm of the outputs (the "
+            "same predictions, logits up to a constant) and the first attack uses the margin loss. Settled when "
+            "the gradients on the probe set are then non-zero."),
+        "adversarial.zero-gradients": FindingDoc(
+            "info when escalation settled it, high when it did not",
+            "More than 10% of probe points have an all-zero or non-finite input gradient: a quantiser, a "
+            "thresholding step or another non-differentiable transform. Escalation: straight-through (BPDA) "
+            "gradients through round/floor/ceil/trunc/sign (Python modules and `torch.export` programs; "
+            "TorchScript is compiled and cannot be intercepted). Settled when that restores the gradients; "
+            "otherwise the score-based Square attack with `escalated_queries` carries the evaluation and the "
+            "number is marked unreliable."),
+        "adversarial.saturated-softmax": FindingDoc(
+            "info when escalation settled it, high when it did not",
+            "The cross-entropy gradient vanishes (float32 softmax saturates, e.g. logits multiplied by 1000) "
+            "while the margin's does not. Escalation: the cross-entropy stage is replaced by the margin loss; "
+            "targeted DLR is scale-invariant already. Settled."),
+        "adversarial.not-converged": FindingDoc(
+            "info when escalation settled it, high when it did not",
+            "On more than 10% of the points left robust, an attack's loss gained over a quarter of its total "
+            "improvement in the last fifth of its iterations. Escalation: APGD-DLR with twice the iterations on "
+            "those points. Settled when the share still rising falls to 10% or less."),
+        "adversarial.black-box-stronger": FindingDoc(
+            "info when escalation settled it, high when it did not",
+            "Square, a black-box attack that uses no gradients, broke probe points that every gradient attack "
+            "left robust: the gradients mislead (gradient masking). Escalation: straight-through gradients and "
+            "Square with `escalated_queries` on every robust point. Settled when that ten-fold budget breaks "
+            "almost nothing more (at most 2% of the robust points); otherwise unreliable."),
+        "adversarial.eps-not-monotonic": FindingDoc(
+            "info when escalation settled it, high when it did not",
+            "On the probe set, robust accuracy rose with eps, or did not fall at all from eps to 4 x eps. A sound "
+            "attack at a larger eps searches a superset of the smaller ball. Escalation: as for black-box- "
+            "stronger; settled when the probe passes with Square added."),
+        "adversarial.large-eps-survives": FindingDoc(
+            "info when escalation settled it, high when it did not",
+            "At an eps large enough to turn every input into the same mid-grey input (half the input range in "
+            "Linf; the matching L2 radius), more than 10% of probe points stayed robust: the attacks are not "
+            "working. Escalation as above; settled when the probe then passes."),
+        "adversarial.budget-exhausted": FindingDoc(
+            "high",
+            "`max_passes_per_point` ran out before every attack ran: robust accuracy is optimistic."),
+        "adversarial.black-box-model": FindingDoc(
+            "medium",
+            "The model gives no gradients (an ONNX file): only the score-based Square attack ran, which is weaker "
+            "than white-box attacks on the same model, so robust accuracy may be far too high and `reliable` is "
+            "false. Audit the TorchScript or factory form of the model for a white-box evaluation."),
+    }
 
     # ----- orchestration ------------------------------------------------------------------------------
     def run(self, ctx: AuditContext) -> CheckResult:
@@ -335,11 +403,14 @@ class Adversarial(Check):
         c = ctx.model.num_classes or int(y.max()) + 1
         y_np = y.numpy()
         per_class = [float(robust[y_np == k].mean()) if (y_np == k).any() else None for k in range(c)]
+        # A probe that escalation settled is a note on how the number was obtained, not a warning about it; what
+        # makes the number unreliable is a warning (or worse), and `reliable` says exactly that.
         findings: list[Finding] = []
         for p in probes:
-            findings.append(Finding(p.id, "high" if p.settled is False else "medium",
+            findings.append(Finding(p.id, "high" if p.settled is False else "info",
                                     f"{p.message} Escalation: {p.escalation}." + (
-                                        "" if p.settled else " It did not settle the question: the number is unreliable."),
+                                        " It did not settle the question: the number is unreliable." if p.settled is False
+                                        else " That settled it: the number stands."),
                                     {**p.evidence, "settled": p.settled}))
         if st.exhausted:
             findings.append(Finding("adversarial.budget-exhausted", "high",
@@ -348,8 +419,10 @@ class Adversarial(Check):
         if not ctx.model.differentiable:
             findings.append(Finding("adversarial.black-box-model", "medium",
                                     "The model gives no gradients (black box): only the score-based Square attack "
-                                    "ran, which is weaker than white-box attacks on the same model.", {}))
-        reliable = all(p.settled is not False for p in probes) and not st.exhausted
+                                    "ran, which is weaker than white-box attacks on the same model, so robust accuracy "
+                                    "may be far too high (reliable = false). Audit the TorchScript or factory form "
+                                    "of the model for a white-box evaluation.", {}))
+        reliable = not any(f.severity in ("medium", "high") for f in findings)
         if clean_acc > 0 and robust_acc < 0.5 * clean_acc:
             severity = "high" if robust_acc < 0.1 * clean_acc else "medium"
             findings.append(Finding(

@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, robust_z, status_from_findings
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, robust_z, status_from_findings
 
 MIN_REFERENCE_PER_CLASS = 10  # held-out examples a class needs for its own persistence null
 RESIDUAL_DIMS = 1024  # residuals of larger inputs are projected to this many dimensions
@@ -75,6 +75,26 @@ class Backdoor(Check):
     metrics = ("backdoor_detected", "flagged", "flagged_share", "target_class", "trigger_success_rate")
     Options = BackdoorOptions
     order = 35
+    findings = {
+        "backdoor.found": FindingDoc(
+            "high",
+            "A class carries a planted trigger: an outlying number of training examples with that label look like "
+            "other classes and either keep their label under overlays with held-out inputs (the model classifies "
+            "them by something other than their content) or share one residual across different contents (what "
+            "their look-alikes lack: the trigger); and the trigger reconstructed from the flagged examples, "
+            "stamped on held-out inputs of other classes, flips them to the class significantly more often than "
+            "the control. Evidence: the class, the flagged count, the stamped trigger's success rate and its "
+            "control, the robust z of both counts. The flagged examples are `flagged` in `arrays/backdoor.npz` "
+            "(by training-file position in `train_index`; `score`, `persistence`, `shared_residual` and "
+            "`trigger_alignment` per example beside it). Remove them and retrain; see [data-audit.md](data- "
+            "audit.md)."),
+        "backdoor.suspected": FindingDoc(
+            "medium",
+            "As above, but the reconstructed trigger did not confirm it. Either the data carries a planted "
+            "pattern this model has not (yet) learned as a trigger (few poisons, or a model that memorised them "
+            "one by one: remove them anyway), or the flagged examples are a group of systematically mislabelled "
+            "examples that happen to share something. Inspect them."),
+    }
 
     def unmet(self, ctx: AuditContext) -> str | None:
         if len(ctx.data) < 50:

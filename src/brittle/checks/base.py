@@ -21,13 +21,15 @@ from pydantic import BaseModel, ConfigDict
 from .._atomic import write_npz
 from .._progress import Progress
 from ..backends import Backend, LocalBackend
+from ..config import ThreatModel
+from ..errors import UsageError, arg
 from ..loading.data import Dataset
 from ..loading.models import file_sha256
 from ..model import ModelAdapter
 from ..result import CheckResult, Finding
 
-__all__ = ["Check", "Needs", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "get_check", "status_from_findings", "shard_seed",
-           "robust_z", "missing_packages", "DATA_EXTRA", "load_other_model"]
+__all__ = ["Check", "FindingDoc", "Needs", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "get_check", "status_from_findings", "shard_seed",
+           "robust_z", "missing_packages", "DATA_EXTRA", "load_other_model", "validate_eps"]
 
 REGISTRY: dict[str, type["Check"]] = {}
 _ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -38,6 +40,11 @@ class CheckOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model_files: ClassVar[tuple[str, ...]] = ()  # fields naming model files: their content joins the fingerprint
+
+    def with_threat(self, threat: ThreatModel) -> "CheckOptions":
+        """These options with the audit's threat model filled in where they leave it open (robustness checks
+        override this; it must leave values the user set alone, so applying it twice changes nothing)."""
+        return self
 
     def validate_against(self, bounds: tuple[float, float]) -> None:
         """Checks that need the model's input domain (e.g. eps against the bounds). Override when needed."""
@@ -52,6 +59,15 @@ class CheckOptions(BaseModel):
                 if Path(path).is_file():
                     out[path] = file_sha256(Path(path))
         return out
+
+
+@dataclass(frozen=True)
+class FindingDoc:
+    """What a finding means and what to do about it. docs/findings.md is generated from these, and the HTML report
+    carries the text of every finding it shows."""
+
+    severity: str  # the severity the check gives it, in words ("high", "medium or high", ...)
+    text: str  # markdown: `code` and [links](file.md) are the only markup
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,15 @@ def robust_z(values: np.ndarray, reference: np.ndarray | None = None, *, pad: fl
     return (values - med) / (1.4826 * float(np.median(np.abs(ref - med))) + pad)
 
 
+def validate_eps(check_id: str, norm: str, eps: float, bounds: tuple[float, float]) -> None:
+    """An Linf radius larger than the input range is a unit mistake (8 meant as 8/255), not a threat model."""
+    span = bounds[1] - bounds[0]
+    if norm == "Linf" and eps > span:
+        hint = f" Did you mean {eps:g}/255 = {eps / 255:.4g}?" if eps >= 1 and span <= 1 else ""
+        raise UsageError(f"The 'eps' option of [{check_id}] must be at most the input range {span:g} for norm Linf "
+                         f"(inputs lie in [{bounds[0]:g}, {bounds[1]:g}]); got {eps:g}.{hint}")
+
+
 def shard_seed(seed: int, check_id: str, shard: int) -> int:
     """A seed per (run seed, check, shard): a shard's result does not depend on which shards ran before it."""
     digest = hashlib.sha256(f"{seed}:{check_id}:{shard}".encode()).digest()
@@ -134,14 +159,9 @@ def missing_packages(packages: dict[str, str], install: str = DATA_EXTRA) -> str
 
 def load_other_model(path: str, ctx: AuditContext):
     """Another model file in the audited model's input domain (bounds, normalisation, batch size)."""
-    from ..config import AuditConfig
-    from ..loading.models import ModelSpec
-    from ..runner import prepare_other_model
+    from ..prepare import prepare_other_model
 
-    m = ctx.model
-    spec = ModelSpec(bounds=m.bounds, mean=None if m.mean is None else [float(v) for v in np.ravel(m.mean)],
-                     std=None if m.std is None else [float(v) for v in np.ravel(m.std)], batch_size=m.batch_size)
-    return prepare_other_model(path, AuditConfig(model=spec), like=m, x_example=ctx.data.x)
+    return prepare_other_model(path, like=ctx.model, x_example=ctx.data.x)
 
 
 def status_from_findings(findings: list[Finding]) -> str:
@@ -163,6 +183,8 @@ class Check(ABC):
     metrics: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type[CheckOptions]] = CheckOptions
     order: ClassVar[int] = 100  # cheap checks first; a check's result never depends on order
+    findings: ClassVar[dict[str, FindingDoc]] = {}  # every finding id the check may report, explained
+    findings_intro: ClassVar[str] = ""  # what the check's findings share, for the top of its docs section
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -179,6 +201,9 @@ class Check(ABC):
             raise TypeError(f"{cls.__name__}.needs must be a Needs(...)")
         if not (isinstance(cls.Options, type) and issubclass(cls.Options, CheckOptions)):
             raise TypeError(f"{cls.__name__}.Options must subclass CheckOptions")
+        for fid, doc in cls.findings.items():
+            if not fid.startswith(f"{cid}.") or not isinstance(doc, FindingDoc):
+                raise TypeError(f"{cls.__name__}.findings must map ids '{cid}.<name>' to FindingDoc(...); got {fid!r}")
         REGISTRY[cid] = cls
 
     def __init__(self, options: CheckOptions | dict[str, Any] | None = None):
@@ -186,14 +211,14 @@ class Check(ABC):
             options = self.Options()
         elif isinstance(options, dict):
             options = self.Options(**options)
-        self.options = options
+        self.options = options.with_threat(ThreatModel())  # a no-op on options the audit plan resolved
 
     def skip_reason(self, ctx: AuditContext) -> str | None:
         """Why this check cannot run on this audit, or None. Declared needs are checked here."""
         if self.needs.labels and ctx.data.y is None:
             return "needs labels, and the data has none"
         if self.needs.train_data and ctx.train_data is None:
-            return "needs the training set: pass --train-data"
+            return f"needs the training set: pass {arg('train_data')}"
         if self.needs.train_labels and (ctx.train_data is None or ctx.train_data.y is None):
             return "needs labels in the training set"
         if self.needs.gradients and not ctx.model.differentiable:
@@ -203,6 +228,11 @@ class Check(ABC):
     def unmet(self, ctx: AuditContext) -> str | None:
         """Why this check cannot run beyond its declared needs (an input layout, an optional package), or None.
         Called only when the declared needs are met. Override when needed."""
+        return None
+
+    def unusable_options(self, ctx: AuditContext) -> str | None:
+        """Why these options do not apply to this model or data (e.g. an image corruption on tabular inputs), or
+        None. The audit refuses such a configuration before any work. Override when needed."""
         return None
 
     @abstractmethod

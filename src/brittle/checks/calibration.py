@@ -14,7 +14,7 @@ from pydantic import Field
 
 from ..calibration import brier, classwise_ece, ece, fit_temperature, nll, reliability, softmax
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, status_from_findings
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, status_from_findings
 
 
 class CalibrationOptions(CheckOptions):
@@ -29,6 +29,18 @@ class Calibration(Check):
     metrics = ("ece", "ece_equal_mass", "classwise_ece", "nll", "brier", "temperature", "ece_after_scaling")
     Options = CalibrationOptions
     order = 20
+    findings = {
+        "calibration.overconfident": FindingDoc(
+            "medium",
+            "The expected calibration error (15 equal-width bins of top-class confidence) exceeds `max_ece` "
+            "(0.05) and the mean confidence is above the accuracy. Evidence: ECE, mean confidence, accuracy, the "
+            "fitted temperature and the ECE after scaling (2-fold cross-fitted). Fix: `brittle calibrate --model "
+            "M --data VALIDATION.npz --out calibrated.ts` writes a TorchScript model whose logits are divided by "
+            "the temperature: same predictions, calibrated probabilities."),
+        "calibration.underconfident": FindingDoc(
+            "medium",
+            "As above, with the mean confidence below the accuracy (T < 1)."),
+    }
 
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options

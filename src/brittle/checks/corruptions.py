@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 from ..corruptions import TABULAR, corrupt, corrupt_tabular, corruption_names
 from ..label_free import estimate_accuracy, fit_source
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, load_other_model, status_from_findings
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, load_other_model, status_from_findings
 
 
 class CorruptionsOptions(CheckOptions):
@@ -52,16 +52,37 @@ class Corruptions(Check):
                "estimate_mae", "estimate_max_error")
     Options = CorruptionsOptions
     order = 25
+    findings = {
+        "corruptions.fragile": FindingDoc(
+            "medium",
+            "Under the common corruptions, accuracy falls by more than `max_relative_drop` (0.2) of the clean "
+            "accuracy on average, or by more than `max_type_drop` (0.5) under one corruption. Evidence: clean and "
+            "mean corruption accuracy, the relative drop, the three worst corruptions. What helps: data "
+            "augmentation with the corruptions that hurt (AugMix-style mixing keeps clean accuracy), or noise "
+            "training (`docs/shift.md`)."),
+        "corruptions.estimate-unreliable": FindingDoc(
+            "low",
+            "On at least one corrupted set, the label-free accuracy estimate (fitted on clean audit data) is off "
+            "by more than 30 points and none of its warnings fired. Evidence: the sets with estimate and truth. "
+            "Do not rely on `brittle estimate` alone for this model under such shifts; give it other models "
+            "(`--other-model`) so that agreement-based estimates join in."),
+    }
 
     def _names(self, x: torch.Tensor) -> tuple[str, ...]:
         available = corruption_names(x.shape[1]) if x.ndim == 4 else TABULAR
         if self.options.corruptions is None:
             return available
-        unknown = [n for n in self.options.corruptions if n not in available]
-        if unknown:
-            raise ValueError(f"corruptions {unknown} do not apply to inputs of shape {tuple(x.shape[1:])}; "
-                             f"choose from {', '.join(available)}")
         return tuple(self.options.corruptions)
+
+    def unusable_options(self, ctx: AuditContext) -> str | None:
+        x = ctx.data.x
+        available = corruption_names(x.shape[1]) if x.ndim == 4 else TABULAR
+        unknown = [n for n in self.options.corruptions or () if n not in available]
+        if unknown:
+            kind = "image" if x.ndim == 4 else "tabular"
+            return (f"corruptions: {', '.join(map(repr, unknown))} do not apply to these {kind} inputs of shape "
+                    f"{tuple(x.shape[1:])}; choose from {', '.join(available)}")
+        return None
 
     def unmet(self, ctx: AuditContext) -> str | None:
         if ctx.data.x.ndim not in (2, 4):

@@ -21,7 +21,9 @@ from torch import nn
 
 from ..errors import UsageError
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, Needs, missing_packages, shard_seed, status_from_findings
+from .base import (
+    AuditContext, Check, CheckOptions, FindingDoc, Needs, missing_packages, shard_seed, status_from_findings,
+)
 
 
 class LabelErrorOptions(CheckOptions):
@@ -56,6 +58,14 @@ class LabelErrors(Check):
     metrics = ("label_issue_share", "label_issues")
     Options = LabelErrorOptions
     order = 40
+    findings = {
+        "label_errors.found": FindingDoc(
+            "medium",
+            "More than `max_share` (default 1%) of the training labels are probably wrong according to confident "
+            "learning on out-of-sample probabilities. Evidence: the count, the share, the positions of the 20 "
+            "most suspicious. `arrays/label_errors.npz` has the flag, the self-confidence score and the suggested "
+            "label for every training example."),
+    }
 
     def unmet(self, ctx: AuditContext) -> str | None:
         missing = missing_packages({"cleanlab": "cleanlab", "sklearn": "scikit-learn"})

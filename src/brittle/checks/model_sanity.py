@@ -11,7 +11,7 @@ import torch
 
 from ..attacks.soundness import forwards_differ, rows_are_probabilities
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, Needs, status_from_findings
+from .base import AuditContext, Check, FindingDoc, Needs, status_from_findings
 
 PROBE_SAMPLES = 64
 
@@ -22,6 +22,26 @@ class ModelSanity(Check):
     needs = Needs(labels=False)
     metrics = ("deterministic", "outputs_probabilities")
     order = 0
+    findings = {
+        "model.outputs-probabilities": FindingDoc(
+            "high",
+            "The outputs are in [0, 1] and sum to 1: the model ends in a softmax. Saturated probabilities have "
+            "vanishing gradients, so gradient attacks stall and robustness looks better than it is (AutoAttack's "
+            "flags doc lists the same pitfall). Remove the softmax and return logits."),
+        "model.outputs-log-probabilities": FindingDoc(
+            "low",
+            "The outputs are log-softmax. Predictions and margins are unchanged; losses that apply softmax again "
+            "are distorted slightly."),
+        "model.random-forward": FindingDoc(
+            "high",
+            "Two forward passes on the same inputs differ. Any single-run attack result is a draw; robust "
+            "accuracy needs expectation over transformation (EOT). Evidence: the largest difference between two "
+            "passes."),
+        "model.training-mode": FindingDoc(
+            "high",
+            "The module was handed over in training mode and has BatchNorm or Dropout layers. brittle evaluates a "
+            "private eval-mode copy; call `model.eval()` before export so that deployment sees the same model."),
+    }
 
     def run(self, ctx: AuditContext) -> CheckResult:
         model = ctx.model

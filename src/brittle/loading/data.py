@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, UsageError, arg
 from .models import _torch_load_safely
 
 __all__ = ["Dataset", "load_data", "validate_for_model"]
@@ -34,6 +34,7 @@ class Dataset:
     source: str = "<memory>"
     class_names: list[str] | None = None
     indices: np.ndarray | None = field(default=None, repr=False)  # positions in the source file after subsampling
+    feature_names: list[str] | None = None  # tabular inputs: the column of each feature (a CSV's header)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -47,7 +48,8 @@ class Dataset:
     def subset(self, idx: np.ndarray) -> "Dataset":
         t = torch.as_tensor(idx, dtype=torch.long)
         base = self.indices if self.indices is not None else np.arange(len(self))
-        return Dataset(self.x[t], None if self.y is None else self.y[t], self.source, self.class_names, base[idx])
+        return Dataset(self.x[t], None if self.y is None else self.y[t], self.source, self.class_names, base[idx],
+                       self.feature_names)
 
     def positions(self, idx: np.ndarray) -> np.ndarray:
         """Positions in the source file of the rows `idx` (reports name examples by these)."""
@@ -64,11 +66,12 @@ class Dataset:
         return h.hexdigest()
 
 
-def load_data(path: str | Path, *, label_column: str | None = None) -> Dataset:
-    """Load a dataset file or image folder. `label_column` is required for CSV files."""
+def load_data(path: str | Path, *, label_column: str | None = None, role: str = "data") -> Dataset:
+    """Load a dataset file or image folder. `label_column` is required for CSV files; `role` names the argument
+    the path came from, for messages."""
     p = Path(path)
     if not p.exists():
-        raise InputError(p, "no such file or folder", "check the path given to --data / --train-data")
+        raise InputError(p, "no such file or folder", f"check the path given as {arg(role)}")
     if p.is_dir():
         return _load_image_folder(p)
     suffix = p.suffix.lower()
@@ -79,7 +82,7 @@ def load_data(path: str | Path, *, label_column: str | None = None) -> Dataset:
     if suffix == ".csv":
         return _load_csv(p, label_column)
     raise InputError(p, f"unknown data format {suffix!r}",
-                     "use .npz (arrays x, y), .pt (a dict with tensors x, y), .csv with --label-column, "
+                     f"use .npz (arrays x, y), .pt (a dict with tensors x, y), .csv with {arg('label_column')}, "
                      "or a folder with one subfolder of PNG/JPEG images per class")
 
 
@@ -158,8 +161,8 @@ def _load_image_folder(root: Path) -> Dataset:
 
 def _load_csv(p: Path, label_column: str | None) -> Dataset:
     if not label_column:
-        raise UsageError(f"{p}: CSV data needs the name of its label column: pass --label-column NAME "
-                         "(or set data.label_column in the config).")
+        raise UsageError(f"{p}: CSV data needs the name of its label column: give {arg('label_column')} "
+                         "(the [data] label_column of audit.toml).")
     with open(p, newline="") as f:
         reader = csv.reader(f)
         try:
@@ -169,7 +172,7 @@ def _load_csv(p: Path, label_column: str | None) -> Dataset:
         header = [h.strip() for h in header]
         if label_column not in header:
             raise InputError(p, f"no column named {label_column!r}; the columns are {header}",
-                             "pass the right name with --label-column")
+                             f"give the right name with {arg('label_column')}")
         li = header.index(label_column)
         rows, raw_labels = [], []
         for lineno, row in enumerate(reader, start=2):
@@ -194,7 +197,8 @@ def _load_csv(p: Path, label_column: str | None) -> Dataset:
         lookup = {c: i for i, c in enumerate(class_names)}
         y = torch.tensor([lookup[v] for v in raw_labels], dtype=torch.long)
     x = _to_float_tensor(np.asarray(rows, dtype=np.float64), p)
-    return Dataset(x, y, str(p), class_names=class_names)
+    features = [h for i, h in enumerate(header) if i != li]
+    return Dataset(x, y, str(p), class_names=class_names, feature_names=features)
 
 
 def _is_float(v: str) -> bool:
@@ -262,8 +266,14 @@ def validate_for_model(data: Dataset, model, *, role: str = "data") -> None:
     tol = BOUNDS_TOLERANCE * max(1.0, high - low)
     x_min, x_max = float(data.x.min()), float(data.x.max())
     if x_min < low - tol or x_max > high + tol:
-        hint = "scale the inputs into the model's domain, or set bounds in the model spec"
-        if x_min >= 0 and x_max > 1.5 and high <= 1.0 + tol:
+        hint = f"scale the inputs into the model's domain, or set the model's input bounds ({arg('bounds')})"
+        if data.x.dim() == 2:  # tabular features have their own ranges: the bounds are the fix, not rescaling
+            lo, hi = math.floor(min(x_min, low)), math.ceil(max(x_max, high))
+            example = f"--bounds={lo},{hi}" if arg("bounds").startswith("--") else f"config {{'model': {{'bounds': [{lo}, {hi}]}}}}"
+            hint = (f"tabular features: set the model's input bounds to the range the features can take, e.g. "
+                    f"{example} or bounds = [{lo}, {hi}] in the [model] table of audit.toml (the domain that attacks "
+                    "and corruptions stay in; brittle never rescales inputs)")
+        elif x_min >= 0 and x_max > 1.5 and high <= 1.0 + tol:
             hint = "the values look like 0-255 pixels: divide by 255, or set bounds = [0, 255]"
         elif x_min < -tol and low >= 0:
             hint = ("the values look normalised (negative): pass raw inputs in [0, 1] and give mean/std in the "

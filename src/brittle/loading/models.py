@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, UsageError, arg
 from ..model import ModelAdapter
 
 __all__ = ["ModelSpec", "load_model", "file_sha256"]
@@ -74,10 +76,11 @@ def load_model(spec: ModelSpec | str, **overrides: Any) -> ModelAdapter:
         module, fp = _load_factory(spec)
         return ModelAdapter(module, name=spec.factory, source_fingerprint=fp, **common)
     if not spec.path:
-        raise UsageError("No model given: pass --model PATH (TorchScript, .pt2 or .onnx) or --model pkg.module:factory --weights W.")
+        raise UsageError(f"No model given: give {arg('model')} as a path (TorchScript, .pt2 or .onnx) or as "
+                         f"pkg.module:factory with {arg('weights')}.")
     path = Path(spec.path)
     if not path.is_file():
-        raise InputError(path, "no such model file", "check the path given to --model")
+        raise InputError(path, "no such model file", f"check the path given as {arg('model')}")
     fp = file_sha256(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
@@ -93,14 +96,28 @@ def import_callable(target: str, role: str, purpose: str):
     if not mod_name or not attr:
         raise UsageError(f"The {role} must look like 'package.module:function'; got {target!r}.")
     try:
-        module = importlib.import_module(mod_name)
+        module = _import_from_here(mod_name)
     except ImportError as exc:
-        raise UsageError(f"Cannot import module {mod_name!r} for the {role} {target!r}: {exc}. "
-                         "Make sure the package is installed or on PYTHONPATH.") from None
+        raise UsageError(f"Cannot import module {mod_name!r} for the {role} {target!r}: {exc}. Make sure the "
+                         "package is installed, or run from the folder that holds it (or set PYTHONPATH).") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UsageError(f"{mod_name!r} has no callable {attr!r}; {purpose}.")
     return fn
+
+
+def _import_from_here(name: str):
+    """Import `name`; if its top-level package is not importable but sits in the working directory, import it from
+    there, as `python -m` would (a user's `mymodels/nets.py` beside the data)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        top = name.split(".")[0]
+        if exc.name != top or here in sys.path or not (Path(here, top).is_dir() or Path(here, f"{top}.py").is_file()):
+            raise
+        sys.path.insert(0, here)
+        return importlib.import_module(name)
 
 
 def _looks_like_factory(text: str) -> bool:
@@ -111,7 +128,7 @@ def _load_torchscript(path: Path) -> torch.nn.Module:
     if not zipfile.is_zipfile(path):
         raise InputError(path, "not a TorchScript archive (it is not a zip file; it may be truncated or a pickle)",
                          "save the model with torch.jit.save(torch.jit.script(model), path), or use "
-                         "--model pkg.module:factory --weights state_dict.pt")
+                         f"give {arg('model')} as pkg.module:factory with {arg('weights')} state_dict.pt")
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
@@ -120,7 +137,7 @@ def _load_torchscript(path: Path) -> torch.nn.Module:
             raise InputError(path, "this is a pickled torch.save file, not TorchScript; brittle does not unpickle "
                              "modules because that runs arbitrary code",
                              "save the state dict (torch.save(model.state_dict(), 'w.pt')) and pass "
-                             "--model pkg.module:factory --weights w.pt") from None
+                             f"give {arg('model')} as pkg.module:factory with {arg('weights')} w.pt") from None
         raise InputError(path, f"could not load TorchScript: {_first_line(exc)}",
                          "re-save with torch.jit.save, or use a factory plus weights") from None
 
@@ -137,7 +154,8 @@ def _load_factory(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
     target = spec.factory or ""
     factory = import_callable(target, "factory", "the factory must build an nn.Module")
     if not spec.weights:
-        raise UsageError(f"The factory {target!r} needs weights: pass --weights FILE (.pt state dict or .safetensors).")
+        raise UsageError(f"The factory {target!r} needs weights: give {arg('weights')} (a .pt state dict or "
+                         ".safetensors file).")
     state = load_state_dict(Path(spec.weights))
     model = factory(**spec.factory_kwargs)
     if not isinstance(model, torch.nn.Module):
@@ -155,7 +173,7 @@ def _load_factory(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from `.safetensors` or from a torch file read with `weights_only=True`."""
     if not path.is_file():
-        raise InputError(path, "no such weights file", "check the path given to --weights")
+        raise InputError(path, "no such weights file", f"check the path given as {arg('weights')}")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from html import escape
 
+from .._docgen import anchor
+from ..checks import REGISTRY
 from ..result import AuditResult, CheckResult
 from .sections import render_section_body
 
@@ -24,6 +27,7 @@ h4{margin:18px 0 6px}.meta{color:var(--muted);font-size:13px}
 table{border-collapse:collapse;margin:8px 0;background:#fff}td,th{border:1px solid var(--line);padding:4px 10px;text-align:left;font-size:14px}
 th{background:#f3f3f3}.kv th{width:220px}section.check{background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px 18px 18px;margin:18px 0}
 ul.findings{padding-left:18px}ul.findings li{margin:6px 0}.evidence{color:var(--muted);font-size:12px}
+section.doc{margin:6px 0 14px}section.doc h4{margin:4px 0}code{background:#f1f1f1;padding:0 3px;border-radius:3px}
 .examples{display:flex;flex-wrap:wrap;gap:14px}.triple{display:flex;gap:4px;border:1px solid var(--line);padding:4px;border-radius:6px}
 figure{margin:0;text-align:center}figcaption{font-size:11px;color:var(--muted)}img{image-rendering:pixelated}
 svg.chart{max-width:100%;height:auto;font-family:inherit}pre{white-space:pre-wrap;font-size:12px;background:#f4f4f4;padding:8px}
@@ -32,11 +36,27 @@ svg.chart{max-width:100%;height:auto;font-family:inherit}pre{white-space:pre-wra
 
 
 def _metric(v) -> str:
+    """A metric value as text (not yet escaped)."""
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}"
-    return escape(str(v))
+    return str(v)
+
+
+def _evidence_value(v, depth: int = 0) -> str:
+    """Evidence as a person reads it: numbers to 3 digits, mappings as 'key value', lists shortened."""
+    if isinstance(v, dict):
+        if depth > 1:
+            return "..."
+        return ", ".join(f"{k.replace('_', ' ')} {_evidence_value(x, depth + 1)}" for k, x in list(v.items())[:6])
+    if isinstance(v, (list, tuple)):
+        shown = [_evidence_value(x, depth + 1) for x in v[:4]]
+        return ("; " if any(isinstance(x, dict) for x in v[:4]) else ", ").join(shown) + (
+            f" (+{len(v) - 4} more)" if len(v) > 4 else "")
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return _metric(v)
 
 
 def _findings(items) -> str:
@@ -44,15 +64,44 @@ def _findings(items) -> str:
         return '<p class="meta">No findings.</p>'
     lis = []
     for cid, f in items:
-        ev = ", ".join(f"{k}={_metric(v)}" for k, v in list(f.evidence.items())[:6]) if f.evidence else ""
+        ev = "; ".join(f"{k.replace('_', ' ')}: {_evidence_value(v)}" for k, v in list(f.evidence.items())[:6])
         lis.append(f'<li><span class="sev sev-{f.severity}">{f.severity}</span> <b>{escape(f.id)}</b> '
-                   f"{escape(f.message)} <a href=\"{escape(f.doc)}\">doc</a>"
+                   f'{escape(f.message)} <a href="#doc-{anchor(f.id)}">what this means</a>'
                    + (f'<div class="evidence">{escape(ev)}</div>' if ev else "") + "</li>")
     return '<ul class="findings">' + "".join(lis) + "</ul>"
 
 
+def _inline_markdown(text: str) -> str:
+    """The markup of the checks' finding docs: `code` and [text](file.md); links to other docs become plain text
+    (the report is one self-contained file)."""
+    out = escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r"\1 (docs/\2)", out)
+
+
+def _finding_docs(audit: AuditResult) -> str:
+    """The meaning of every finding id the report shows, as the targets of its 'what this means' links."""
+    seen = list(dict.fromkeys(f.id for c in audit.checks for f in c.findings))
+    if not seen:
+        return ""
+    parts = ['<h2 id="finding-docs">What the findings mean</h2>']
+    for fid in seen:
+        doc = REGISTRY[fid.split(".")[0]].findings.get(fid) if fid.split(".")[0] in REGISTRY else None
+        text = (f"{escape(doc.severity)}. {_inline_markdown(doc.text)}" if doc else
+                "No description is registered for this finding (a check from a plugin?).")
+        parts.append(f'<section class="doc" id="doc-{anchor(fid)}"><h4><code>{escape(fid)}</code></h4><p>{text}</p>'
+                     "</section>")
+    return "".join(parts)
+
+
+def _no_negative_zero(html: str) -> str:
+    """'-0%' and '-0.0' from values that round to zero read as a sign error."""
+    return re.sub(r"(?<![\w.])-(0(?:\.0+)?)(?=%|[^\w.]|$)", r"\1", html)
+
+
 def _check_section(c: CheckResult, audit: AuditResult) -> str:
-    metrics = "".join(f"<tr><th>{escape(k)}</th><td>{_metric(v)}</td></tr>" for k, v in c.metrics.items()
+    metrics = "".join(f"<tr><th>{escape(k)}</th><td>{escape(_metric(v))}</td></tr>" for k, v in c.metrics.items()
                       if not isinstance(v, (list, dict)))
     cost = (f"{c.cost.seconds:.2f} s, {c.cost.forward_passes:,} forward and {c.cost.backward_passes:,} backward "
             "passes (in samples)")
@@ -72,7 +121,7 @@ def _check_section(c: CheckResult, audit: AuditResult) -> str:
 def render_html(audit: AuditResult) -> str:
     run = audit.run
     gates = "".join(
-        f"<tr><td><code>{escape(g.expression)}</code></td><td>{_metric(g.value) if g.value is not None else '-'}</td>"
+        f"<tr><td><code>{escape(g.expression)}</code></td><td>{escape(_metric(g.value)) if g.value is not None else '-'}</td>"
         f"<td><span class=\"status s-{'pass' if g.passed else ('fail' if g.passed is False else 'error')}\">"
         f"{'pass' if g.passed else ('fail' if g.passed is False else 'not evaluated')}</span>"
         f"{(' ' + escape(g.reason)) if g.reason else ''}</td></tr>" for g in audit.gates)
@@ -81,11 +130,11 @@ def render_html(audit: AuditResult) -> str:
                        "to audit.toml, e.g. <code>gates = [\"adversarial.robust_accuracy &gt;= 0.5\"]</code>.</p>")
     summary = "".join(
         f'<tr><td><a href="#check-{escape(c.id)}">{escape(c.id)}</a></td><td><span class="status s-{c.status}">'
-        f"{c.status}</span></td><td>{', '.join(f'{k}={_metric(v)}' for k, v in list(c.metrics.items())[:4])}</td>"
+        f"{c.status}</span></td><td>{escape(', '.join(f'{k}={_metric(v)}' for k, v in list(c.metrics.items())[:4]))}</td>"
         f"<td>{c.cost.seconds:.1f} s</td></tr>" for c in audit.checks)
     worst = [(cid, f) for cid, f in audit.findings() if f.severity != "info"][:6]
     config = escape(json.dumps(run.get("config", {}), indent=2))
-    return f"""<!DOCTYPE html>
+    return _no_negative_zero(f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>brittle audit: {escape(str(run.get('model', '')))}</title><style>{CSS}</style></head>
 <body><main>
@@ -97,8 +146,9 @@ bounds {escape(str(run.get('bounds', '')))}) &middot; {escape(str(run.get('start
 <h2>Worst findings</h2>{_findings(worst)}
 <h2>Checks</h2><table><tr><th>check</th><th>status</th><th>key metrics</th><th>time</th></tr>{summary}</table>
 {''.join(_check_section(c, audit) for c in audit.checks)}
+{_finding_docs(audit)}
 <details><summary>Run details (fingerprint, versions, configuration)</summary>
 <p class="meta">fingerprint {escape(str(run.get('fingerprint', '')))}<br>versions {escape(json.dumps(run.get('versions', {})))}</p>
 <pre>{config}</pre></details>
 </main></body></html>
-"""
+""")

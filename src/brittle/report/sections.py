@@ -9,7 +9,7 @@ import numpy as np
 
 from ..result import AuditResult, CheckResult
 from .png import perturbation_image, png_data_uri, to_display_image
-from .svg import bar_chart, heatmap, line_chart
+from .svg import bar_chart, heatmap, line_chart, reliability_chart
 
 __all__ = ["SECTIONS", "section_renderer", "render_section_body"]
 
@@ -28,10 +28,17 @@ def render_section_body(result: CheckResult, audit: AuditResult) -> str:
     return fn(result, audit) if fn else ""
 
 
+MIN_SIDE = 56  # pixels on screen: an 8x8 digit drawn at 24 px cannot be read
+
+
 def _img(arr: np.ndarray | None, caption: str, scale: int = 3) -> str:
     if arr is None:
         return ""
     h, w = arr.shape[:2]
+    scale = max(scale, -(-MIN_SIDE // min(h, w)))
+    if min(h, w) < 32:  # small inputs are enlarged in the PNG itself (nearest neighbour), not left to the browser
+        arr = np.repeat(np.repeat(arr, scale, 0), scale, 1)
+        h, w, scale = h * scale, w * scale, 1
     return (f'<figure><img src="{png_data_uri(arr)}" width="{w * scale}" height="{h * scale}" alt="{escape(caption)}">'
             f"<figcaption>{escape(caption)}</figcaption></figure>")
 
@@ -165,18 +172,21 @@ def _shortcuts(r: CheckResult, audit: AuditResult) -> str:
     d, a = r.details, r.arrays
     names = d.get("class_names") or []
     out = [f'<p class="meta">Occlusion of {d.get("region_side")}x{d.get("region_side")} regions in training images, '
-           "per class; candidates are regions far more important to one class than to the others, tested by stamping "
-           "them on held-out inputs of other classes and by occluding them.</p>"]
+           "per class; candidates are regions far more important to one class than to the others. A candidate is a "
+           "shortcut when occluding it costs the class training accuracy (significantly) and its training pictures "
+           "differ from the class's held-out pictures (a mark that is not there at test); a stroke of the object is "
+           "relied on too, but looks the same in both.</p>"]
     rows = "".join(
         f"<tr><td>{escape(names[c['class']] if c['class'] < len(names) else str(c['class']))}</td>"
-        f"<td>row {c['region'][0]}, col {c['region'][1]}</td><td>{c['z']:.0f}</td><td>{c['flip_rate']:.0%}</td>"
-        f"<td>{c['accuracy']:.0%} &rarr; {c['accuracy_occluded']:.0%}</td>"
-        f"<td>{'-' if c['train_vs_heldout'] is None else format(c['train_vs_heldout'], '.2f')}</td></tr>"
-        for c in d.get("candidates", []))
+        f"<td>row {c['region'][0]}, col {c['region'][1]}</td><td>{c['z']:.0f}</td>"
+        f"<td>{c['accuracy']:.0%} &rarr; {c['accuracy_occluded']:.0%} (z {c['reliance_z']:.1f})</td>"
+        f"<td>{c['shift']:.1f}</td><td>{max(c['flip_rate'], 0):.0%}</td>"
+        f"<td>{'shortcut' if c['shortcut'] else ('relied on, same at test' if c['relied_on'] else 'not relied on')}"
+        "</td></tr>" for c in d.get("candidates", []))
     if rows:
         out.append("<h4>Candidate regions</h4><table><tr><th>class</th><th>region</th><th>specificity z</th>"
-                   "<th>stamped: flips others</th><th>training accuracy, occluded</th><th>train vs held-out</th></tr>"
-                   f"{rows}</table>")
+                   "<th>training accuracy, occluded</th><th>train vs held-out (sd)</th><th>stamped: flips others</th>"
+                   f"<th>verdict</th></tr>{rows}</table>")
     if "heatmap" in a:
         figs = []
         for c in sorted({c["class"] for c in d.get("candidates", [])}):
@@ -212,17 +222,15 @@ def _calibration(r: CheckResult, audit: AuditResult) -> str:
     rel, after = d.get("reliability") or {}, d.get("reliability_after_scaling") or {}
     if not rel.get("confidence"):
         return ""
-    series = {"model": rel["accuracy"]}
     out = [f'<p class="meta">Mean confidence {d.get("mean_confidence", 0):.1%}, accuracy {d.get("accuracy", 0):.1%}. '
            f"Temperature scaling (T = {r.metrics.get('temperature', 1):.2f}, 2-fold cross-fitted) gives ECE "
            f"{r.metrics.get('ece_after_scaling', 0):.3f} (from {r.metrics.get('ece', 0):.3f}).</p>",
-           "<h4>Reliability diagram (accuracy per confidence bin; the diagonal is perfect calibration)</h4>",
-           line_chart(rel["confidence"], {**series, "perfect": rel["confidence"]}, xlabel="confidence",
-                      title="reliability diagram")]
+           "<h4>Reliability diagram: accuracy per confidence bin (the number of inputs above each bar; pale bars "
+           "hold too few inputs to mean much), the diagonal is perfect calibration</h4>",
+           reliability_chart(rel, title="reliability diagram")]
     if after.get("confidence"):
         out += ["<h4>After temperature scaling</h4>",
-                line_chart(after["confidence"], {"scaled": after["accuracy"], "perfect": after["confidence"]},
-                           xlabel="confidence", title="reliability after temperature scaling")]
+                reliability_chart(after, title="reliability after temperature scaling")]
     return "".join(out)
 
 

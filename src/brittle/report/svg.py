@@ -5,9 +5,11 @@ from __future__ import annotations
 from html import escape
 from typing import Sequence
 
-__all__ = ["bar_chart", "heatmap", "line_chart"]
+__all__ = ["bar_chart", "heatmap", "line_chart", "reliability_chart"]
 
-PALETTE = ("#3b6ea8", "#d9822b", "#4a9a5b", "#a34a8b")
+# Distinguishable colours, enough for every series a chart draws (the corruption curves draw five).
+PALETTE = ("#3b6ea8", "#d9822b", "#4a9a5b", "#a34a8b", "#c44e52", "#1f1f1f", "#17a2b8", "#8c6d31")
+FEW = 10  # a reliability bin with fewer inputs than this swings between 0 and 1 by chance
 
 
 def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float | None]], *, width: int = 560,
@@ -89,9 +91,9 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float]], *, width
         parts.append(f'<line x1="{left}" y1="{py(frac * ymax):.1f}" x2="{width - 10}" y2="{py(frac * ymax):.1f}" '
                      f'stroke="#ddd"/><text x="{left - 4}" y="{py(frac * ymax) + 4:.1f}" text-anchor="end" '
                      f'font-size="10">{frac * ymax:g}</text>')
-    for frac in (0, 0.5, 1.0):
+    for frac, align in ((0, "start"), (0.5, "middle"), (1.0, "end")):  # end ticks stay inside the drawing
         xv = x0 + frac * span
-        parts.append(f'<text x="{px(xv):.1f}" y="{height - 14}" text-anchor="middle" font-size="10">{xv:.3g}</text>')
+        parts.append(f'<text x="{px(xv):.1f}" y="{height - 14}" text-anchor="{align}" font-size="10">{xv:.3g}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 2}" text-anchor="middle" font-size="10">{escape(xlabel)}</text>')
     step = min(130, (width - left) // max(len(series), 1))  # legend entries share the width
     for si, (name, ys) in enumerate(series.items()):
@@ -100,5 +102,42 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float]], *, width
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>'
                      f'<rect x="{left + si * step}" y="2" width="10" height="10" fill="{colour}"/>'
                      f'<text x="{left + si * step + 14}" y="11" font-size="10">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def reliability_chart(rel: dict, *, width: int = 560, height: int = 240, title: str = "") -> str:
+    """Accuracy per confidence bin as bars over the bin's range on a fixed [0, 1] axis, the diagonal, and each
+    bin's count (bins with few inputs drawn pale: their accuracy is mostly chance)."""
+    left, bottom, top, right = 36, 30, 22, 14
+    plot_w, plot_h = width - left - right, height - bottom - top
+
+    def px(x: float) -> float:
+        return left + plot_w * x
+
+    def py(y: float) -> float:
+        return top + plot_h * (1 - max(0.0, min(y, 1.0)))
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="{escape(title)}">']
+    for frac in (0, 0.5, 1.0):
+        parts.append(f'<line x1="{left}" y1="{py(frac):.1f}" x2="{width - right}" y2="{py(frac):.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 4}" y="{py(frac) + 4:.1f}" text-anchor="end" font-size="10">{frac:g}</text>'
+                     f'<text x="{px(frac):.1f}" y="{height - 14}" text-anchor="{("start", "middle", "end")[int(frac * 2)]}"'
+                     f' font-size="10">{frac:g}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 2}" text-anchor="middle" font-size="10">confidence</text>')
+    for lo, hi, acc, n in zip(rel.get("lower", []), rel.get("upper", []), rel["accuracy"], rel["count"]):
+        opacity = 0.35 if n < FEW else 0.9
+        parts.append(f'<rect x="{px(lo) + 1:.1f}" y="{py(acc):.1f}" width="{max(px(hi) - px(lo) - 2, 1):.1f}" '
+                     f'height="{py(0) - py(acc):.1f}" fill="{PALETTE[0]}" fill-opacity="{opacity}"><title>confidence '
+                     f'{lo:.2f}-{hi:.2f}: accuracy {acc:.3f} over {n} inputs</title></rect>'
+                     f'<text x="{(px(lo) + px(hi)) / 2:.1f}" y="{py(acc) - 3:.1f}" text-anchor="middle" font-size="9" '
+                     f'fill="#555">{n}</text>')
+    parts.append(f'<line x1="{px(0):.1f}" y1="{py(0):.1f}" x2="{px(1):.1f}" y2="{py(1):.1f}" stroke="{PALETTE[1]}" '
+                 f'stroke-dasharray="4 3" stroke-width="1.5"/>'
+                 f'<rect x="{left}" y="4" width="10" height="10" fill="{PALETTE[0]}"/><text x="{left + 14}" y="13" '
+                 f'font-size="10">accuracy (count above)</text><line x1="{left + 150}" y1="9" x2="{left + 166}" y2="9" '
+                 f'stroke="{PALETTE[1]}" stroke-dasharray="4 3" stroke-width="1.5"/><text x="{left + 170}" y="13" '
+                 'font-size="10">perfect calibration</text>')
     parts.append("</svg>")
     return "".join(parts)

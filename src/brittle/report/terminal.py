@@ -11,6 +11,8 @@ def render_summary(audit: AuditResult, out_dir: str | None = None) -> str:
     lines = [f"brittle audit: {audit.verdict.upper()}"]
     for c in audit.checks:
         keys = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(c.metrics.items())[:3])
+        if c.details.get("norm") and c.details.get("eps") is not None:  # a robustness number means nothing without it
+            keys += f" at {c.details['norm']} eps {c.details['eps']:g}"
         extra = f" ({c.reason})" if c.reason else ""
         lines.append(f"  {c.id:<14} {c.status:<8} {keys}{extra}")
     for g in audit.gates:
