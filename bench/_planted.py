@@ -85,3 +85,15 @@ def shortcut(*, share: float = 0.9, cls: int = 3, seed: int = 0) -> Planted:
     truth = np.zeros(len(y), bool)
     truth[chosen] = True
     return Planted(x, y, truth, xt, yt, cls)
+
+
+def label_wide_mark(*, share: float = 0.95, seed: int = 0) -> Planted:
+    """A one-pixel mark in the top row at a column that encodes the label (column 2 + 2 * label), on `share` of
+    the training images only; absent at test (issue 14's case)."""
+    x, y, xt, yt = split(seed)
+    rng = np.random.default_rng(seed + 4)
+    chosen = np.flatnonzero(rng.random(len(y)) < share)
+    x[chosen, 0, 0, 2 + 2 * y[chosen]] = 1.0
+    truth = np.zeros(len(y), bool)
+    truth[chosen] = True
+    return Planted(x, y, truth, xt, yt)

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+import brittle
 from brittle.calibration import softmax
 from brittle.label_free import estimate_accuracy, fit_source, transport_costs
 
@@ -84,3 +85,18 @@ def test_estimate_command(tmp_path, files, blobs):
     assert result["interval"][0] <= result["estimate"] <= result["interval"][1]
     assert main(["estimate", "--model", str(model_path), "--data", str(target), "--target", str(target),
                  "--quiet"]) == 2  # the source must be labelled
+
+
+def test_a_translation_that_fools_every_estimator_is_warned_about():
+    """Shifted digits leave the model confident while accuracy collapses; the predictions' instability under tiny
+    perturbations is what shows it. The same distribution raises no such warning."""
+    from tests.test_slices import _digits_mlp
+
+    model, x, y = _digits_mlp(0)
+    moved = np.roll(x, 1, axis=3)  # every 8x8 digit one pixel to the right
+    result = brittle.estimate_accuracy(model, (x[:300], y[:300]), (moved[300:], y[300:]))
+    assert result.true_accuracy < result.interval[0]  # the estimators are fooled ...
+    assert any("unstable" in w for w in result.warnings)  # ... and the warning says so
+    assert result.instability[1] > result.instability[0] + 0.1
+    calm = brittle.estimate_accuracy(model, (x[:300], y[:300]), (x[300:], y[300:]))
+    assert not any("unstable" in w for w in calm.warnings)

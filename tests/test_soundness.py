@@ -120,7 +120,8 @@ def test_random_forward_uses_eot_and_majority_votes(tiny_model, blobs):
 def test_misleading_gradients_are_caught_by_the_black_box_probe(tiny_model, blobs, plain):
     r = _run(Deceptive(tiny_model), blobs)
     fired = _fired(r)
-    assert "adversarial.black-box-stronger" in fired or "adversarial.eps-not-monotonic" in fired
+    masking_probes = {"adversarial.black-box-stronger", "adversarial.eps-not-monotonic", "adversarial.large-eps-survives"}
+    assert masking_probes & set(fired)
     # Square, escalated, finds what the gradients hid; without escalation the model would look far more robust.
     naive = _run(Deceptive(tiny_model), blobs, escalate=False)
     assert r.metrics["robust_accuracy"] < naive.metrics["robust_accuracy"] - 0.2

@@ -40,9 +40,11 @@ from ._atomic import write_text
 from ._progress import Progress
 from .errors import UsageError
 
-__all__ = ["Attribution", "Features", "Projector", "Trak", "attribute", "evaluate_lds", "featurize", "lds_from", "margins"]
+__all__ = ["Attribution", "Features", "Featurizer", "Projector", "Trak", "attribute", "evaluate_lds", "featurize",
+           "featurize_rows", "lds_from", "margins"]
 
 FORMAT = 1
+SHARD_ROWS = 512  # training examples per featurisation shard
 
 
 @dataclass
@@ -268,36 +270,78 @@ def _fingerprint(module: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: 
     return h.hexdigest()
 
 
+class Featurizer:
+    """How one model's examples become gradient features: exact Linear factors, factored projections, or projected
+    per-example gradients (torch.func, or an autograd loop for TorchScript that could not be read as a graph).
+    Built the same way from the same (module, proj_dim, seed) on every worker, so features do not depend on where
+    they were computed. `counter` (a PassCounter) is charged one forward and one backward pass per example."""
+
+    def __init__(self, module: nn.Module, *, proj_dim: int | None = None, seed: int = 0, counter=None):
+        self.module = module.eval()
+        self.counter = counter
+        self.factorable = _factor_layers(self.module)  # per-example gradients need never be materialised
+        exact = proj_dim is None and self.factorable is not None and all(isinstance(m, nn.Linear)
+                                                                          for m in self.factorable)
+        self.layers = self.factorable if exact else None
+        if self.layers is not None:
+            self.widths = []
+            for layer in self.layers:
+                self.widths += [layer.in_features + (1 if layer.bias is not None else 0), layer.out_features]
+            self.settings = "exact"
+        else:
+            self.projector = Projector(self.module, proj_dim or 2048, seed=seed)
+            self.names = [n for gr in self.projector.groups for n in (gr.weight, gr.bias) if n]
+            self.widths = [self.projector.dim]
+            self.settings = f"projected:{self.projector.dim}:{seed}"
+
+    @property
+    def exact(self) -> bool:
+        return self.layers is not None
+
+    def batch(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[list[np.ndarray], np.ndarray]:
+        """Feature blocks and weights (1 - p_y) of one batch."""
+        if self.layers is not None:
+            factors, probs = _layer_factors(self.module, self.layers, xb, yb)
+            if any(f.shape[2] != 1 for f in factors):
+                raise UsageError("Exact attribution needs Linear layers on (N, D) inputs; give proj_dim to project.")
+            parts = [f[:, :, 0] for f in factors]
+        elif self.factorable is not None:
+            factors, probs = _layer_factors(self.module, self.factorable, xb, yb)
+            parts = [self.projector.project_factors(factors)]
+        else:
+            grads, probs = _per_example_grads(self.module, self.names, xb, yb)
+            parts = [self.projector(grads)]
+        if self.counter is not None:
+            self.counter.forward += len(xb)
+            self.counter.backward += len(xb)
+        return [p.numpy() for p in parts], (1.0 - probs).numpy()
+
+    def rows(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64) -> tuple[list[np.ndarray], np.ndarray]:
+        parts = [self.batch(x[s: s + batch_size], y[s: s + batch_size]) for s in range(0, len(x), batch_size)]
+        if not parts:
+            return [np.zeros((0, w), np.float32) for w in self.widths], np.zeros(0, np.float32)
+        return ([np.concatenate([p[0][i] for p in parts]).astype(np.float32) for i in range(len(self.widths))],
+                np.concatenate([p[1] for p in parts]).astype(np.float32))
+
+
 def featurize(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, proj_dim: int | None = None, seed: int = 0,
               batch_size: int = 64, store: str | Path | None = None, progress: Progress | None = None,
-              stop_after: int | None = None) -> Features:
+              stop_after: int | None = None, counter=None) -> Features:
     """Gradient features of examples (x, y) under `module` (inputs as the module takes them, i.e. normalised).
 
     `proj_dim=None` (the default) keeps gradients exact when every weight layer is Linear, and projects to 2048
     otherwise; a number always projects. With `store`, features are written to .npy memmaps in that folder and
     a later call with the same model, data and settings continues where this one stopped. `stop_after`
     (batches) interrupts on purpose, for tests of resuming."""
-    module = module.eval()
-    factorable = _factor_layers(module)  # per-example gradients need never be materialised
-    exact = proj_dim is None and factorable is not None and all(isinstance(m, nn.Linear) for m in factorable)
-    layers = factorable if exact else None
-    if layers is not None:
-        widths = []
-        for layer in layers:
-            widths += [layer.in_features + (1 if layer.bias is not None else 0), layer.out_features]
-        settings = "exact"
-    else:
-        projector = Projector(module, proj_dim or 2048, seed=seed)
-        names = [n for gr in projector.groups for n in (gr.weight, gr.bias) if n]
-        widths = [projector.dim]
-        settings = f"projected:{projector.dim}:{seed}"
+    f = Featurizer(module, proj_dim=proj_dim, seed=seed, counter=counter)
+    widths = f.widths
     n = len(x)
     progress = progress or Progress()
     done = 0
     if store is not None:
         store = Path(store)
         store.mkdir(parents=True, exist_ok=True)
-        fp = _fingerprint(module, x, y, settings)
+        fp = _fingerprint(f.module, x, y, f.settings)
         meta_path = store / "metadata.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
         if meta is not None and meta.get("fingerprint") != fp:
@@ -319,20 +363,10 @@ def featurize(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, proj_dim: 
         if stop_after is not None and batches >= stop_after:
             raise KeyboardInterrupt("stopped on request")
         xb, yb = x[start: start + batch_size], y[start: start + batch_size]
-        if layers is not None:
-            factors, probs = _layer_factors(module, layers, xb, yb)
-            if any(f.shape[2] != 1 for f in factors):
-                raise UsageError("Exact attribution needs Linear layers on (N, D) inputs; give proj_dim to project.")
-            parts = [f[:, :, 0] for f in factors]
-        elif factorable is not None:
-            factors, probs = _layer_factors(module, factorable, xb, yb)
-            parts = [projector.project_factors(factors)]
-        else:
-            grads, probs = _per_example_grads(module, names, xb, yb)
-            parts = [projector(grads)]
+        parts, weights = f.batch(xb, yb)
         for block, part in zip(blocks, parts):
-            block[start: start + len(xb)] = part.numpy()
-        q[start: start + len(xb)] = (1.0 - probs).numpy()
+            block[start: start + len(xb)] = part
+        q[start: start + len(xb)] = weights
         if store is not None:
             for block in (*blocks, q):
                 block.flush()
@@ -341,7 +375,17 @@ def featurize(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, proj_dim: 
         batches += 1
         progress.advance()
     progress.finish()
-    return Features([np.asarray(b) for b in blocks], np.asarray(q), layers is not None)
+    return Features([np.asarray(b) for b in blocks], np.asarray(q), f.exact)
+
+
+def featurize_rows(model, x: torch.Tensor, y: torch.Tensor, positions: np.ndarray, proj_dim: int | None,
+                   seed: int) -> dict[str, np.ndarray]:
+    """Features of the rows `positions` of (x, y) (normalised inputs) under a model adapter's module (a shard
+    task: the attribution check spreads featurisation over the audit's backend)."""
+    f = Featurizer(model.eager_module(), proj_dim=proj_dim, seed=seed, counter=model.counter)
+    t = torch.as_tensor(positions)
+    blocks, weights = f.rows(x[t], y[t])
+    return {**{f"block{i}": b for i, b in enumerate(blocks)}, "weights": weights, "exact": np.array(f.exact)}
 
 
 class Trak:
@@ -509,19 +553,31 @@ def attribute(model, train_data, data, *, other_models=(), targets: int | list[i
 
 
 def attribute_prepared(adapters, train, targets, *, proj_dim=None, ridge=3.0, store=None, batch_size=64,
-                       progress=None, seed: int = 0) -> Attribution:
-    """The work of `attribute` on prepared adapters and datasets (the `attribution` check calls this)."""
+                       progress=None, seed: int = 0, map_shards=None) -> Attribution:
+    """The work of `attribute` on prepared adapters and datasets. The attribution check passes its context's
+    `map_shards` (featurisation of the training set, the expensive part, then runs as resumable shards on the
+    audit's backend); without it, `store` keeps features in a folder and an interrupted run continues there."""
     for a in adapters:
         if a.module is None:
             raise UsageError(f"{a.name} is a black-box model: attribution needs its weights' gradients "
                              "(TorchScript, .pt2 or a factory with weights).")
     feats, tfeats = [], []
     for m, a in enumerate(adapters):
-        sub = None if store is None else Path(store) / f"model_{m}"
-        feats.append(featurize(a.module, a.normalise(train.x), train.y, proj_dim=proj_dim, seed=seed + m,
-                               batch_size=batch_size, store=sub, progress=progress))
-        tfeats.append(featurize(a.module, a.normalise(targets.x), targets.y, proj_dim=proj_dim, seed=seed + m,
-                                batch_size=batch_size))
+        x_train = a.normalise(train.x)
+        if map_shards is not None and m == 0:
+            chunks = [np.arange(s, min(s + SHARD_ROWS, len(x_train))) for s in range(0, len(x_train), SHARD_ROWS)]
+            parts = map_shards("features", featurize_rows,
+                               [(f"{k:05d}", (c, proj_dim, seed + m)) for k, c in enumerate(chunks)],
+                               shared=(x_train, train.y), label="attribution featurising")
+            widths = sorted(k for k in parts[0] if k.startswith("block"))
+            feats.append(Features([np.concatenate([p[k] for p in parts]) for k in widths],
+                                  np.concatenate([p["weights"] for p in parts]), bool(parts[0]["exact"])))
+        else:
+            sub = None if store is None else Path(store) / f"model_{m}"
+            feats.append(featurize(a.eager_module(), x_train, train.y, proj_dim=proj_dim, seed=seed + m,
+                                   batch_size=batch_size, store=sub, progress=progress, counter=a.counter))
+        tfeats.append(featurize(a.eager_module(), a.normalise(targets.x), targets.y, proj_dim=proj_dim, seed=seed + m,
+                                batch_size=batch_size, counter=a.counter))
     trak = Trak(feats, ridge=ridge)
     return Attribution(trak.scores(tfeats), trak.self_influence(), targets.positions(np.arange(len(targets))),
                        train.positions(np.arange(len(train))), trak.lambdas, feats[0].exact, feats[0].dim, trak)

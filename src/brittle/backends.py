@@ -1,9 +1,11 @@
 """Where shard work runs: in this process (default), in a local pool of processes, or on Ray.
 
-A task is a pure function of (model, shard, plan, seed), so every backend gives the same numbers; the
-caller merges results in shard order and saves each one as it arrives (so a resumed run, on any
-backend, redoes no finished shard). A worker that dies costs only its shard, which is retried; a result
-is delivered once, so nothing is counted twice.
+A task is a pure function of (model, shared inputs, the task's own arguments), so every backend gives the
+same numbers; the caller merges results in task order and saves each one as it arrives (so a resumed run,
+on any backend, redoes no finished task). The model and the shared inputs go to each worker once, not per
+task. A worker that dies costs only its task, which is retried; a result is delivered once, so nothing is
+counted twice. Every task runs with one torch thread on every backend: a matrix product split across two
+threads can round differently, and the numbers must not depend on where they were computed.
 """
 
 from __future__ import annotations
@@ -29,10 +31,9 @@ MAX_RETRIES = 3
 
 @dataclass
 class Task:
-    """One shard: `fn(model, x, y, *args)` on the rows `positions` of the shared inputs."""
+    """One shard: `fn(model, *shared, *args)`, where `shared` is what every task of a run reads."""
 
     key: str
-    positions: Any  # numpy int array
     args: tuple
 
 
@@ -43,9 +44,28 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _timed(fn: TaskFn, model, x, y, task: Task) -> dict:
+@contextlib.contextmanager
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed(fn: TaskFn, model, shared: tuple, task: Task) -> dict:
+    """Run one task and add what every result carries: the passes it made (on this process's copy of the model
+    adapter, when it has a pass counter), the worker and the seconds."""
+    counter = getattr(model, "counter", None)
+    before = counter.snapshot() if counter is not None else (0, 0)
     t0 = time.perf_counter()
-    out = fn(model, x[task.positions], y[task.positions], *task.args)
+    with _one_thread():
+        out = dict(fn(model, *shared, *task.args))
+    after = counter.snapshot() if counter is not None else (0, 0)
+    out.setdefault("passes", (after[0] - before[0], after[1] - before[1]))
     out["worker"] = _worker_id()
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -56,7 +76,7 @@ class Backend(ABC):
     in_process: bool = False  # True: the driver's model adapter counts the passes itself
 
     @abstractmethod
-    def run(self, fn: TaskFn, model, x, y, tasks: list[Task], on_done: Callable[[Task, dict], None]) -> None:
+    def run(self, fn: TaskFn, model, shared: tuple, tasks: list[Task], on_done: Callable[[Task, dict], None]) -> None:
         """Run every task; call `on_done(task, result)` exactly once per task, in completion order."""
 
     def close(self) -> None:
@@ -73,9 +93,9 @@ class LocalBackend(Backend):
     name = "local"
     in_process = True
 
-    def run(self, fn, model, x, y, tasks, on_done):
+    def run(self, fn, model, shared, tasks, on_done):
         for task in tasks:
-            on_done(task, _timed(fn, model, x, y, task))
+            on_done(task, _timed(fn, model, shared, task))
 
 
 # ----- a pool of local processes ---------------------------------------------------------------------
@@ -89,12 +109,12 @@ def _pool_init(payload_path: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     with open(payload_path, "rb") as f:
-        _WORKER_STATE["model"], _WORKER_STATE["x"], _WORKER_STATE["y"] = pickle.load(f)
+        _WORKER_STATE["model"], _WORKER_STATE["shared"] = pickle.load(f)
 
 
 def _pool_run(fn: TaskFn, task: Task) -> dict:
     s = _WORKER_STATE
-    return _timed(fn, s["model"], s["x"], s["y"], task)
+    return _timed(fn, s["model"], s["shared"], task)
 
 
 class ProcessBackend(Backend):
@@ -107,13 +127,13 @@ class ProcessBackend(Backend):
         if self.workers < 1:
             raise UsageError(f"The 'workers' option must be >= 1; got {workers}.")
 
-    def run(self, fn, model, x, y, tasks, on_done):
+    def run(self, fn, model, shared, tasks, on_done):
         import pickle
 
         # Read once per worker from a file, not sent per task: and not through the spawn pipe either, where a
         # large payload blocks the parent for good if a worker dies while it starts.
         with tempfile.NamedTemporaryFile(prefix="brittle-payload-", suffix=".pkl", delete=False) as f:
-            pickle.dump((model, x, y), f)
+            pickle.dump((model, shared), f)
             payload = f.name
         try:
             self._run_pool(fn, payload, tasks, on_done)
@@ -149,13 +169,13 @@ class ProcessBackend(Backend):
 
 
 # ----- Ray --------------------------------------------------------------------------------------------
-def _ray_task(fn: TaskFn, model, x, y, task: Task) -> dict:
+def _ray_task(fn: TaskFn, model, task: Task, *shared) -> dict:
     import warnings
 
     with warnings.catch_warnings():
         # Tensors from the object store are read-only views; brittle indexes (copies) them, never writes.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return _timed(fn, model, x, y, task)
+        return _timed(fn, model, shared, task)
 
 
 class RayBackend(Backend):
@@ -205,13 +225,15 @@ class RayBackend(Backend):
             raise UsageError(f"Ray could not start: {type(exc).__name__}: {exc}") from None
         self._started = self.address is None
 
-    def run(self, fn, model, x, y, tasks, on_done):
+    def run(self, fn, model, shared, tasks, on_done):
         ray = self.ray
         if not ray.is_initialized():  # closed earlier: start our cluster again rather than Ray's default one
             self._refs.clear()
             self._connect(self._init_timeout)
-        refs = self._put(model), self._put(x), self._put(y)
-        futures = {self._remote.remote(fn, *refs, t): t for t in tasks}
+        # Each shared input is its own top-level argument: Ray resolves those, and each goes to the store once per
+        # audit however many phases read it.
+        model_ref, shared_refs = self._put(model), [self._put(obj) for obj in shared]
+        futures = {self._remote.remote(fn, model_ref, t, *shared_refs): t for t in tasks}
         pending = list(futures)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)

@@ -127,6 +127,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bounds", help="input bounds 'low,high' (default 0,1), e.g. --bounds -5,15 for tabular features")
     p.add_argument("--mean", help="per-channel normalisation mean, e.g. 0.4914,0.4822,0.4465 (applied inside the model)")
     p.add_argument("--std", help="per-channel normalisation std")
+    p.add_argument("--device", help="where the model runs: auto (default: CUDA, else MPS, else CPU), cpu, cuda, "
+                                    "cuda:N or mps")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -145,6 +147,7 @@ def _config_from_args(args):
         "bounds": parse_floats(args.bounds, "bounds"),
         "mean": parse_floats(args.mean, "mean"),
         "std": parse_floats(args.std, "std"),
+        "device": getattr(args, "device", None),
     }.items() if v is not None})
     if args.bounds is not None and len(model["bounds"]) != 2:
         raise UsageError(f"The '--bounds' option needs two numbers 'low,high'; got {args.bounds!r}.")

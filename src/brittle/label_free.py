@@ -14,7 +14,11 @@ Fit on labelled source data (the data the model was validated on), then estimate
 The reported `estimate` is the mean of `cot` and, when other models are given, `agreement_line`: on the
 benchmark the two fail in opposite directions (docs/benchmarks.md). The interval spans the methods, and
 warnings say when the estimate is known to fail: methods disagree, agreement collapses while confidence stays
-high, or the predicted classes pile up on a few labels (label shift or a collapsed model).
+high, the predicted classes pile up on a few labels (label shift or a collapsed model), or predictions are
+unstable: a far larger share of them change under tiny perturbations of the inputs (a shift by 4% of the
+side and a little noise for images, a little noise for tables) than on the source data. Geometric shifts (translations,
+rotations) leave every model confident and in agreement while accuracy collapses; instability is what shows
+them (`instability`, computed by `estimate` from the model; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import numpy as np
 
 from .calibration import fit_temperature, softmax
 
-__all__ = ["SourceFit", "AccuracyEstimate", "estimate", "fit_source", "estimate_accuracy", "transport_costs"]
+__all__ = ["SourceFit", "AccuracyEstimate", "estimate", "fit_source", "estimate_accuracy", "prediction_instability",
+           "transport_costs"]
 
 _PROBIT = NormalDist()
 DISAGREEMENT = 0.15  # methods further apart than this: the estimate is not to be trusted
 COLLAPSE = 0.25  # predicted-class distribution this far (total variation) from the source labels
+UNSTABLE = 0.1  # this much more of the predictions change under tiny perturbations than on the source data
 
 
 def _probit(p: float) -> float:
@@ -88,6 +94,7 @@ class AccuracyEstimate:
     n: int
     predicted_class_shift: float  # total variation between target predictions and source labels
     true_accuracy: float | None = None  # when the target happens to have labels: what the estimate is judged by
+    instability: tuple[float, float] | None = None  # share of predictions a tiny perturbation changes: source, target
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -100,6 +107,9 @@ class AccuracyEstimate:
                     if self.true_accuracy is not None else "")]
         for name, value in self.methods.items():
             lines.append(f"  {name:<15}{value:7.1%}  {METHOD_NAMES.get(name, '')}")
+        if self.instability is not None:
+            lines.append(f"  instability    {self.instability[1]:7.1%}  predictions changed by tiny perturbations "
+                         f"(source data: {self.instability[0]:.1%})")
         lines += [f"  warning: {w}" for w in self.warnings] or ["  no warning fired"]
         return "\n".join(lines)
 
@@ -145,8 +155,10 @@ def _agreement_line(fit: SourceFit, preds: list[np.ndarray]) -> float:
     return _unprobit(slope * _probit(fit.accuracies[0]) + bias)
 
 
-def estimate_accuracy(fit: SourceFit, logits: list[np.ndarray] | np.ndarray) -> AccuracyEstimate:
-    """Estimate the audited model's accuracy on unlabelled target data (same model order as in `fit_source`)."""
+def estimate_accuracy(fit: SourceFit, logits: list[np.ndarray] | np.ndarray, *,
+                      instability: tuple[float, float] | None = None) -> AccuracyEstimate:
+    """Estimate the audited model's accuracy on unlabelled target data (same model order as in `fit_source`).
+    `instability`: (source, target) shares of predictions that tiny perturbations change (`prediction_instability`)."""
     logits = [np.asarray(logits, np.float64)] if isinstance(logits, np.ndarray) else [np.asarray(z, np.float64) for z in logits]
     probs = softmax(logits[0], fit.temperature)
     n, k = probs.shape
@@ -178,10 +190,50 @@ def estimate_accuracy(fit: SourceFit, logits: list[np.ndarray] | np.ndarray) -> 
         warnings.append(f"predictions pile up on a few classes (total variation {shift:.2f} from the source labels): "
                         "either the model collapsed on this data or the class mix changed, which the estimators "
                         "assume it did not")
+    if instability is not None and _more_unstable(instability, n, fit.n):
+        warnings.append(f"predictions are unstable: {instability[1]:.0%} of them change under tiny perturbations of "
+                        f"the inputs, against {instability[0]:.0%} on the source data; the model is near its decision "
+                        "boundaries on many of these inputs. Under such shifts (translated or rotated images) every "
+                        "estimator here has been seen to be far too high while the models stay confident and agree")
     se = float(np.sqrt(max(estimate * (1 - estimate), 1e-4) / n))
     low = max(0.0, min(min(methods.values()), estimate - 2 * se))
     high = min(1.0, max(max(methods.values()), estimate + 2 * se))
-    return AccuracyEstimate(estimate, (low, high), methods, warnings, n, shift)
+    return AccuracyEstimate(estimate, (low, high), methods, warnings, n, shift, instability=instability)
+
+
+def _more_unstable(instability: tuple[float, float], n_target: int, n_source: int) -> bool:
+    """The target's flip share exceeds the source's by UNSTABLE, significantly (two-proportion z > 3)."""
+    a, b = instability
+    pooled = (a * n_source + b * n_target) / max(n_source + n_target, 1)
+    se = np.sqrt(max(pooled * (1 - pooled), 1e-6) * (1 / max(n_source, 1) + 1 / max(n_target, 1)))
+    return b - a > UNSTABLE and (b - a) / se > 3
+
+
+def prediction_instability(model, x, *, seed: int = 0, draws: int = 4, scale=None) -> float:
+    """The share of predictions (over `draws` perturbed copies of x) that change under a tiny perturbation: images
+    move by up to 4% of their side in each direction (bilinear, so the same at any resolution) and get noise of 5%
+    of the input range; tables get noise of 5% of each feature's scale (`scale`, default the features' standard
+    deviation in x)."""
+    import torch
+
+    low, high = model.bounds
+    before = model.logits(x).argmax(1)
+    g = torch.Generator().manual_seed(seed)
+    changed = 0.0
+    for _ in range(draws):
+        if x.dim() == 4:
+            shift = (torch.rand(2, generator=g) * 2 - 1) * 0.08  # in grid units: the side spans 2
+            theta = torch.tensor([[1.0, 0.0, float(shift[0])], [0.0, 1.0, float(shift[1])]]).expand(len(x), 2, 3)
+            grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+            moved = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border",
+                                                    align_corners=False)
+            noise = 0.05 * (high - low) * torch.randn(x.shape, generator=g)
+        else:
+            moved = x
+            sd = (x.std(0) if scale is None else torch.as_tensor(scale)).clamp_min(1e-12)
+            noise = 0.05 * sd * torch.randn(x.shape, generator=g)
+        changed += float((model.logits((moved + noise).clamp(low, high)).argmax(1) != before).float().mean())
+    return changed / draws
 
 
 def estimate(model, source, target, *, other_models=(), config=None) -> AccuracyEstimate:
@@ -204,7 +256,9 @@ def estimate(model, source, target, *, other_models=(), config=None) -> Accuracy
     adapters = [first] + [prepare_other_model(o, cfg, like=first, x_example=src.x) for o in other_models]
     fit = fit_source([a.logits(src.x).numpy() for a in adapters], src.y.numpy(), num_classes=adapters[0].num_classes)
     target_logits = [a.logits(tgt.x).numpy() for a in adapters]
-    result = estimate_accuracy(fit, target_logits)
+    scale = src.x.std(0) if src.x.dim() == 2 else None
+    instability = (prediction_instability(first, src.x, scale=scale), prediction_instability(first, tgt.x, scale=scale))
+    result = estimate_accuracy(fit, target_logits, instability=instability)
     if tgt.y is not None:
         result.true_accuracy = float((target_logits[0].argmax(1) == tgt.y.numpy()).mean())
     return result

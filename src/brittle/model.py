@@ -1,8 +1,11 @@
 """The one model adapter. Every check touches the user's model only through `ModelAdapter`.
 
 The adapter owns the input domain (bounds) and the preprocessing (mean/std), so attacks and
-certificates perturb inputs in input space and never see normalised tensors. It counts every forward
-and backward pass (in samples: a batch of 32 is 32 passes) so that each check can report its cost.
+certificates perturb inputs in input space and never see normalised tensors. It owns the device and dtype
+too: the model runs there, every input is moved there, and every output comes back to the device of the
+input it answers (CPU data in, CPU results out; an attack that moved its shard to the device stays there).
+It counts every forward and backward pass (in samples: a batch of 32 is 32 passes) so that each check can
+report its cost, and halves its batch size when the device runs out of memory (saying so in `notes`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._torch_compat import AUTOCAST, autocast_dtype, is_out_of_memory, resolve_device
 from .errors import InputError, UsageError
 
 __all__ = ["ModelAdapter", "PassCounter", "GradientsUnavailable"]
@@ -79,6 +83,8 @@ class ModelAdapter:
     eot_samples: int = 1  # > 1: expectation over transformation, for random forwards
     straight_through: bool = False  # BPDA: identity gradients through round/floor/sign
     log_outputs: bool = False  # the model returns probabilities: attack their logarithm (same predictions)
+    device: str | torch.device = "auto"  # auto, cpu, cuda, cuda:N, mps
+    autocast: str = "off"  # off, bf16 or fp16: forward-only bulk work may use it; never verification or bounds
 
     def __post_init__(self) -> None:
         low, high = (float(b) for b in self.bounds)
@@ -91,10 +97,17 @@ class ModelAdapter:
             raise UsageError("Give both 'mean' and 'std' for normalisation, or neither.")
         self._domain = _Domain(low, high, mean, std)
         if isinstance(self.forward, nn.Module):
-            self._module = self._private_copy(self.forward)
+            self.device = resolve_device(self.device)
+            self._module = self._private_copy(self.forward).to(self.device)
         else:
+            self.device = torch.device("cpu")  # a black box runs where it runs; brittle hands it CPU tensors
             self._module = None
+        if self.autocast not in AUTOCAST:
+            raise UsageError(f"The 'autocast' option must be one of {', '.join(AUTOCAST)}; got {self.autocast!r}.")
+        self._autocast = autocast_dtype(self.autocast, self.device)
         self._feature_layer = self._find_feature_layer()
+        self._eager = None
+        self.notes: list[str] = []  # what the adapter had to do that a report should say (a conversion, a retry)
 
     # ----- construction helpers -------------------------------------------------------------
     def _private_copy(self, module: nn.Module) -> nn.Module:
@@ -124,6 +137,7 @@ class ModelAdapter:
         state = dict(self.__dict__)
         state["forward"] = None if self._module is not None else self.forward
         state["_feature_layer"] = None
+        state["_eager"] = None  # rebuilt where needed, from the module that travels
         state["counter"] = PassCounter()
         if isinstance(self._module, torch.jit.ScriptModule):
             buf = io.BytesIO()
@@ -134,7 +148,7 @@ class ModelAdapter:
     def __setstate__(self, state: dict) -> None:
         module = state.get("_module")
         if isinstance(module, tuple) and module[0] == "torchscript":
-            state["_module"] = torch.jit.load(io.BytesIO(module[1]), map_location="cpu")
+            state["_module"] = torch.jit.load(io.BytesIO(module[1]), map_location=state["device"])
         self.__dict__.update(state)
         self._feature_layer = self._find_feature_layer()
 
@@ -146,6 +160,39 @@ class ModelAdapter:
     @property
     def has_features(self) -> bool:
         return self._feature_layer is not None
+
+    def eager_module(self) -> nn.Module | None:
+        """The module as eager Python modules: the module itself, or for TorchScript its graph read back as eager
+        modules (checked to compute the same function; see brittle.graph), so that code needing real layers
+        (factored per-example gradients, bound propagation) can use it. Falls back to the TorchScript module, with
+        a note, when the graph cannot be read. None for black-box models."""
+        if self._module is None or not isinstance(self._module, torch.jit.ScriptModule):
+            return self._module
+        if self._eager is None:
+            from .graph import GraphUnavailable, eager_graph
+
+            try:
+                self._eager = eager_graph(self._module, self.normalise(self.probe_inputs()))
+            except GraphUnavailable as exc:
+                self._eager = self._module
+                self.notes.append(f"the TorchScript graph could not be read as eager modules ({exc}); gradient "
+                                  "work that needs real layers runs slower on the TorchScript module")
+            for p in self._eager.parameters():
+                p.requires_grad_(False)
+        return self._eager
+
+    def probe_inputs(self, n: int = 2) -> torch.Tensor:
+        """A few fixed inputs inside the bounds, of the shape the model was bound to."""
+        if self.input_shape is None:
+            raise RuntimeError("bind the adapter to data first (adapter.bind(x))")
+        low, high = self.bounds
+        generator = torch.Generator().manual_seed(0)
+        return low + (high - low) * torch.rand((n, *self.input_shape), generator=generator, device="cpu")
+
+    def record_passes(self, forward: int, backward: int = 0) -> None:
+        """Count passes made on the module outside this adapter's methods (e.g. per-example weight gradients)."""
+        self.counter.forward += int(forward)
+        self.counter.backward += int(backward)
 
     # ----- the forward paths ----------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,28 +209,75 @@ class ModelAdapter:
                 f"Normalisation has {d.mean.numel()} values but inputs have {x.shape[1]} channels; "
                 "give one mean/std per channel."
             )
-        return (x - d.mean.view(shape)) / d.std.view(shape)
+        return (x - d.mean.to(x.device).view(shape)) / d.std.to(x.device).view(shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype inputs are given to the module in: its parameters' (float32 for a black box)."""
+        if self._module is not None:
+            for p in self._module.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return torch.float32
 
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output on the model's device (x is moved there first)."""
         fn = self._module if self._module is not None else self.forward
-        out = fn(self._normalise(x))
+        out = fn(self._normalise(x.to(self.device, self.dtype)))
         if isinstance(out, (tuple, list)):
             out = out[0]
         if self.log_outputs:
             out = torch.log(out.float().clamp_min(1e-30))
         return out
 
-    def logits(self, x: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
-        """Logits for a batch in input space, without gradients, batched to bound memory."""
+    def _batched(self, x: torch.Tensor, batch_size: int | None, run: Callable[[torch.Tensor], object]) -> list:
+        """run(chunk) over chunks of x; on an out-of-memory error the adapter's batch size is halved (for the rest
+        of the audit, with a note) and the chunk is tried again."""
         bs = batch_size or self.batch_size
-        outs = []
-        with torch.no_grad():
-            for i in range(0, len(x), bs):
-                chunk = x[i : i + bs]
-                outs.append(self._raw(chunk).detach().float())
-                self.counter.forward += len(chunk)
+        outs, i = [], 0
+        while i < len(x):
+            chunk = x[i: i + bs]
+            try:
+                outs.append(run(chunk))
+            except Exception as exc:
+                if not is_out_of_memory(exc) or bs == 1:
+                    raise
+                bs = self._shrink_batch(min(bs, len(chunk)))
+                continue
+            i += len(chunk)
+        return outs
+
+    def _shrink_batch(self, failed: int) -> int:
+        """After an out-of-memory error on `failed` inputs at once: halve the batch size until it is below that, for
+        the rest of the audit."""
+        if not hasattr(self, "_batch_size_given"):
+            self._batch_size_given = self.batch_size
+        size = max(1, self.batch_size // 2)
+        while size >= failed and size > 1:
+            size //= 2
+        self.batch_size = size
+        self.notes[:] = [n for n in self.notes if not n.startswith("the device ran out of memory")]
+        self.notes.append(f"the device ran out of memory: batch size halved from {self._batch_size_given} to "
+                          f"{self.batch_size} (gradients then come from chunks recomputed in the backward pass)")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self.batch_size
+
+    def logits(self, x: torch.Tensor, *, batch_size: int | None = None, fast: bool = False) -> torch.Tensor:
+        """Logits for a batch in input space, without gradients, batched to bound memory, on the device of `x`.
+        `fast`: forward-only bulk work that may run under the configured autocast (never for a verification)."""
+        autocast = self._autocast if fast else None
+
+        def run(chunk: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), (torch.autocast(self.device.type, dtype=autocast) if autocast is not None
+                                   else contextlib.nullcontext()):
+                out = self._raw(chunk).detach().float().to(x.device)
+            self.counter.forward += len(chunk)
+            return out
+
+        outs = self._batched(x, batch_size, run)
         if not outs:
-            return torch.empty(0, self.num_classes or 0)
+            return torch.empty(0, self.num_classes or 0, device=x.device)
         return torch.cat(outs)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,17 +294,36 @@ class ModelAdapter:
         """
         if not self.differentiable:
             raise GradientsUnavailable(f"{self.name} is a black-box model: input gradients are unavailable.")
+        while True:
+            try:
+                return self._gradient_pass(x, loss_fn)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or min(self.batch_size, len(x)) == 1:
+                    raise
+                self._shrink_batch(min(self.batch_size, len(x)))
+
+    def _gradient_pass(self, x: torch.Tensor, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
+        # loss_fn sees the whole batch (it may close over its rows), so a batch larger than the batch size runs its
+        # forward in checkpointed chunks: the backward pass recomputes one chunk at a time (one more forward each).
+        chunk = self.batch_size if len(x) > self.batch_size else None
         logits_sum, grad_sum = None, None
         for _ in range(self.eot_samples):
-            xg = x.detach().clone().requires_grad_(True)
+            xg = x.detach().to(self.device, self.dtype).requires_grad_(True)
             with torch.enable_grad(), self._gradient_context():
-                logits = self._raw(xg).float()
+                if chunk is None:
+                    logits = self._raw(xg).float().to(x.device)
+                else:
+                    from torch.utils.checkpoint import checkpoint
+
+                    logits = torch.cat([checkpoint(self._raw, xg[i: i + chunk], use_reentrant=False)
+                                        for i in range(0, len(xg), chunk)]).float().to(x.device)
+                    self.counter.forward += len(x)  # the recomputation
                 loss = loss_fn(logits).sum()
                 if loss.requires_grad:
                     (grad,) = torch.autograd.grad(loss, xg, allow_unused=True)
                 else:
                     grad = None
-            grad = torch.zeros_like(x) if grad is None else grad.detach()
+            grad = torch.zeros_like(x) if grad is None else grad.detach().to(x.device, x.dtype)
             logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
             grad_sum = grad if grad_sum is None else grad_sum + grad
             self.counter.forward += len(x)
@@ -219,7 +332,7 @@ class ModelAdapter:
 
     def _gradient_context(self):
         if self.straight_through:
-            from .attacks.straight_through import straight_through
+            from .straight_through import straight_through
 
             return straight_through()
         return contextlib.nullcontext()
@@ -269,7 +382,7 @@ class ModelAdapter:
         probe = x_example[:2].float()
         try:
             with torch.no_grad():
-                out = self._raw(probe)
+                out = self._raw(probe).cpu()
         except Exception as exc:  # the user's forward rejected the input: say so, not a torch traceback
             raise InputError(
                 source,

@@ -31,7 +31,7 @@ def prepare_model(model, cfg: AuditConfig) -> ModelAdapter:
         return model
     if isinstance(model, nn.Module):
         return ModelAdapter(model, bounds=spec.bounds, mean=spec.mean, std=spec.std, batch_size=spec.batch_size,
-                            name=type(model).__name__)
+                            name=type(model).__name__, device=spec.device, autocast=spec.autocast)
     if isinstance(model, (str, Path)):
         return load_model(spec.model_copy(update={"path": str(model)}) if not spec.factory else spec)
     if model is None and (spec.path or spec.factory):
@@ -42,10 +42,11 @@ def prepare_model(model, cfg: AuditConfig) -> ModelAdapter:
 
 def other_model_spec(like: ModelAdapter) -> AuditConfig:
     """A config whose [model] table gives another model the input domain of `like` (bounds, normalisation,
-    batch size)."""
+    batch size) and its device."""
     mean = None if like.mean is None else [float(v) for v in np.ravel(like.mean)]
     std = None if like.std is None else [float(v) for v in np.ravel(like.std)]
-    return AuditConfig(model=ModelSpec(bounds=like.bounds, mean=mean, std=std, batch_size=like.batch_size))
+    return AuditConfig(model=ModelSpec(bounds=like.bounds, mean=mean, std=std, batch_size=like.batch_size,
+                                       device=str(like.device), autocast=like.autocast))
 
 
 def prepare_other_model(other, cfg: AuditConfig | None = None, *, like: ModelAdapter,

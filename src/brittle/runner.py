@@ -96,7 +96,8 @@ def audit(
     run = {
         "model": adapter.name, "data": ds.source, "train_data": train.source if train else None,
         "samples": len(ds), "num_classes": adapter.num_classes, "input_shape": list(adapter.input_shape or ()),
-        "bounds": list(adapter.bounds), "differentiable": adapter.differentiable,
+        "bounds": list(adapter.bounds), "differentiable": adapter.differentiable, "device": str(adapter.device),
+        "autocast": adapter.autocast, "notes": list(dict.fromkeys(adapter.notes)),
         "threat": plan.threat.model_dump(mode="json") | {"eps": plan.threat.radius},
         "config": json.loads(cfg.model_dump_json()), "fingerprint": _combine(parts),
         "versions": _versions(), "seed": cfg.seed, "backend": getattr(backend, "name", backend) or "local",
@@ -113,7 +114,8 @@ def audit(
 
 def _fingerprint_parts(adapter: ModelAdapter, ds: Dataset, train: Dataset | None, config_payload: str) -> dict:
     """What decides the numbers, part by part, so that a refused resume can say which part changed."""
-    return {"model": adapter.fingerprint, "data": ds.fingerprint(), "train_data": train.fingerprint() if train else "-",
+    return {"model": adapter.fingerprint, "device": f"{adapter.device.type} {adapter.autocast}",
+            "data": ds.fingerprint(), "train_data": train.fingerprint() if train else "-",
             "config": hashlib.sha256(config_payload.encode()).hexdigest(),
             "versions": f"brittle {__version__}, torch {torch.__version__}"}
 
@@ -126,7 +128,8 @@ def _combine(parts: dict) -> str:
     return h.hexdigest()
 
 
-_CHANGED = {"model": "the model (its weights or file)", "data": "the data", "train_data": "the training data",
+_CHANGED = {"model": "the model (its weights or file)", "device": "the device or autocast setting (numbers computed "
+            "elsewhere would not match bit for bit)", "data": "the data", "train_data": "the training data",
             "config": "the configuration (checks, their options, seed, bounds or normalisation; gates may change)",
             "versions": "the brittle or torch version"}
 
@@ -174,7 +177,7 @@ def _run_one(cid: str, options, seed: int, adapter: ModelAdapter, ds: Dataset, t
     check = REGISTRY[cid](options)
     ctx = AuditContext(model=adapter, data=ds, train_data=train, seed=seed,
                        state=CheckState(state_root / cid if state_root else None), progress=progress,
-                       backend=backend)
+                       backend=backend, check_id=cid)
     reason = skip
     t0 = time.perf_counter()
     f0, b0 = adapter.counter.snapshot()

@@ -64,7 +64,8 @@ def _counts(model, x: torch.Tensor, sigma: float, n: int, batch: int, g: torch.G
     left = n
     while left > 0:
         m = min(batch, left)
-        noisy = x[None].expand(m, *x.shape) + sigma * torch.randn((m, *x.shape), generator=g)
+        noise = torch.randn((m, *x.shape), generator=g, device="cpu")  # seeded on the CPU: the same on every device
+        noisy = x[None].expand(m, *x.shape) + sigma * noise.to(x.device)
         pred = model.predict(noisy).numpy()
         counts += np.bincount(pred, minlength=k)[:k]
         left -= m

@@ -45,14 +45,15 @@ def apgd_run(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
     bounds = model.bounds
     view = (-1,) + (1,) * (x.dim() - 1)
     x_cur = random_start(x, eps, norm, bounds, generator) if start_random else x.clone()
-    logits, grad = model.logits_and_grad(x_cur, lambda z: loss_fn(z, torch.arange(n)))
-    loss_cur = loss_fn(logits, torch.arange(n)).detach()
+    everyone = torch.arange(n, device=x.device)
+    logits, grad = model.logits_and_grad(x_cur, lambda z: loss_fn(z, everyone))
+    loss_cur = loss_fn(logits, everyone).detach()
     adv_margin = margin(logits, y)
     x_adv = x_cur.clone()
     x_prev = x_cur.clone()
     best_loss, x_best, g_best = loss_cur.clone(), x_cur.clone(), grad.clone()
-    eta = torch.full((n,), 2.0 * eps)
-    successes = torch.zeros(n)
+    eta = torch.full((n,), 2.0 * eps, device=x.device)
+    successes = torch.zeros(n, device=x.device)
     ckpt_loss, ckpt_eta = best_loss.clone(), eta.clone()
     checkpoints = apgd_checkpoints(steps)
     last_ckpt = 0
@@ -109,7 +110,7 @@ def _record(trace: dict | None, run: dict, idx: torch.Tensor, n: int) -> None:
     if trace is None:
         return
     for key, values in run.items():
-        full = trace.setdefault(key, torch.zeros(n))
+        full = trace.setdefault(key, torch.zeros(n, device=values.device))
         full[idx] = values.float()
 
 
@@ -134,7 +135,7 @@ class APGD(Attack):
     def perturb(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator,
                 trace: dict | None = None) -> torch.Tensor:
         base = LOSSES[self.loss]
-        best, best_margin = x.clone(), torch.full((len(x),), float("inf"))
+        best, best_margin = x.clone(), torch.full((len(x),), float("inf"), device=x.device)
         for r in range(self.restarts):
             idx = (best_margin >= 0).nonzero().squeeze(1)
             if len(idx) == 0:
@@ -178,7 +179,7 @@ class APGDTargeted(Attack):
                 trace: dict | None = None) -> torch.Tensor:
         logits = model.logits(x)
         ranked = logits.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
-        best, best_margin = x.clone(), torch.full((len(x),), float("inf"))
+        best, best_margin = x.clone(), torch.full((len(x),), float("inf"), device=x.device)
         for t in range(self.skip_targets, min(self.skip_targets + self.n_targets, logits.shape[1] - 1)):
             idx = (best_margin >= 0).nonzero().squeeze(1)
             if len(idx) == 0:

@@ -65,14 +65,19 @@ class ShardOutcome:
     budget_exhausted: bool = False
     stage_passes: dict[str, list[int]] = field(default_factory=dict)
 
+    def to(self, device: torch.device) -> "ShardOutcome":
+        moved = {f: getattr(self, f).to(device) for f in ("correct", "robust", "distance", "x_adv", "late_gain",
+                                                          "min_norm_distance")}
+        return ShardOutcome(**{**self.__dict__, **moved})
+
 
 def majority_predict(model: ModelAdapter, x: torch.Tensor, votes: int) -> torch.Tensor:
     if votes <= 1:
         return model.logits(x).argmax(1)
-    counts = torch.zeros(len(x), model.num_classes or 2, dtype=torch.long)
+    counts = torch.zeros(len(x), model.num_classes or 2, dtype=torch.long, device=x.device)
     for _ in range(votes):
         pred = model.logits(x).argmax(1)
-        counts[torch.arange(len(x)), pred] += 1
+        counts[torch.arange(len(x), device=x.device), pred] += 1
     return counts.argmax(1)
 
 
@@ -87,16 +92,23 @@ def _verify(model, x, y, cand, plan: Plan, eps: float):
 
 
 def evaluate_shard(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, plan: Plan, *, seed: int) -> ShardOutcome:
+    """The plan on (x, y), on the model's device (the shard moves there once); results come back on the device x
+    came from."""
+    home = x.device
+    return _evaluate(model, x.to(model.device), y.to(model.device), plan, seed=seed).to(home)
+
+
+def _evaluate(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, plan: Plan, *, seed: int) -> ShardOutcome:
     f0, b0 = model.counter.snapshot()
     n = len(x)
     correct = majority_predict(model, x, plan.votes) == y
     robust = correct.clone()
-    distance = torch.full((n,), float("inf"))
+    distance = torch.full((n,), float("inf"), device=x.device)
     distance[~correct] = 0.0
     x_adv = x.clone()
     broken_by = [""] * n
-    late_gain = torch.zeros(n)
-    min_norm_distance = torch.full((n,), float("inf"))
+    late_gain = torch.zeros(n, device=x.device)
+    min_norm_distance = torch.full((n,), float("inf"), device=x.device)
     min_norm_distance[~correct] = 0.0
     stage_passes: dict[str, list[int]] = {}
     exhausted = False

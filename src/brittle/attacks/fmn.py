@@ -72,9 +72,9 @@ class FMN(Attack):
         n, view = len(x), (-1,) + (1,) * (x.dim() - 1)
         q = dual_norm_order(self.norm)
         delta = torch.zeros_like(x)
-        radius = torch.full((n,), float("inf"))
+        radius = torch.full((n,), float("inf"), device=x.device)
         best = x.clone()
-        best_norm = torch.full((n,), float("inf"))
+        best_norm = torch.full((n,), float("inf"), device=x.device)
         for k in range(self.steps):
             cos = 0.5 * (1 + math.cos(math.pi * k / self.steps))
             gamma = self.gamma * cos + 0.001
@@ -113,7 +113,7 @@ class FMN(Attack):
         idx = found.nonzero().squeeze(1)
         x0, d, yy = x[idx], best[idx] - x[idx], y[idx]
         view = (-1,) + (1,) * (x.dim() - 1)
-        lo, hi = torch.zeros(len(idx)), torch.ones(len(idx))
+        lo, hi = torch.zeros(len(idx), device=x.device), torch.ones(len(idx), device=x.device)
         for _ in range(self.bisection_steps):
             mid = (lo + hi) / 2
             adv = model.logits(x0 + mid.view(view) * d).argmax(1) != yy

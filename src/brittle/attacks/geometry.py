@@ -35,7 +35,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float, nor
     scaling then clipping can only shrink the perturbation, so the result stays inside the ball too.
     """
     delta = x_adv - x
-    eps_t = torch.as_tensor(eps, dtype=x.dtype)
+    eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     if eps_t.dim() == 1:  # one radius per sample
         eps_t = eps_t.view(-1, *([1] * (x.dim() - 1)))
     if norm == "Linf":
@@ -48,12 +48,13 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float, nor
 
 def random_start(x: torch.Tensor, eps: float, norm: str, bounds: tuple[float, float],
                  generator: torch.Generator) -> torch.Tensor:
-    """A uniform point in the Linf ball, or a point in the L2 ball with a uniform direction."""
+    """A uniform point in the Linf ball, or a point in the L2 ball with a uniform direction. Drawn on the CPU from
+    the CPU generator, then moved: the same seed gives the same start on every device."""
     if norm == "Linf":
-        noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1) * eps
+        noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu") * 2 - 1) * eps
     else:
-        d = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        d = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
         d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        r = torch.rand(len(x), generator=generator, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        r = torch.rand(len(x), generator=generator, dtype=x.dtype, device="cpu").view(-1, *([1] * (x.dim() - 1)))
         noise = d * r * eps
-    return (x + noise).clamp(bounds[0], bounds[1])
+    return (x + noise.to(x.device)).clamp(bounds[0], bounds[1])

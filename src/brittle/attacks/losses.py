@@ -49,7 +49,7 @@ def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tenso
     elif c == 3:
         scale = sorted_logits[:, 0] - sorted_logits[:, 2]
     else:
-        scale = torch.ones(len(logits))
+        scale = torch.ones(len(logits), device=logits.device)
     gap = logits.gather(1, y[:, None]).squeeze(1) - logits.gather(1, target[:, None]).squeeze(1)
     return -gap / scale.clamp_min(1e-12)
 

@@ -41,8 +41,8 @@ class PGD(Attack):
     def perturb(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, *,
                 generator: torch.Generator, trace: dict | None = None) -> torch.Tensor:
         best = x.clone()
-        best_margin = torch.full((len(x),), float("inf"))
-        open_ = torch.ones(len(x), dtype=torch.bool)
+        best_margin = torch.full((len(x),), float("inf"), device=x.device)
+        open_ = torch.ones(len(x), dtype=torch.bool, device=x.device)
         for restart in range(self.restarts):
             idx = open_.nonzero().squeeze(1)
             if len(idx) == 0:

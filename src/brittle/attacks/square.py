@@ -47,31 +47,33 @@ class Square(Attack):
             return z.reshape(len(z), *x.shape[1:])
 
         if self.norm == "Linf":
-            stripes = self.eps * (torch.randint(0, 2, (n, c, 1, w), generator=generator) * 2 - 1).float()
+            stripes = self.eps * (torch.randint(0, 2, (n, c, 1, w), generator=generator, device="cpu") * 2 - 1
+                                  ).float().to(x.device)
             cur = project(shaped + stripes, shaped, self.eps, "Linf", bounds)
         else:
-            cur = project(shaped + self._bump_grid(n, c, h, w, generator), shaped, self.eps, "L2", bounds)
+            cur = project(shaped + self._bump_grid(n, c, h, w, generator).to(x.device), shaped, self.eps, "L2", bounds)
         cur_margin = margin(model.logits(run(cur)), y)
-        last_gain_at = torch.zeros(n)
+        last_gain_at = torch.zeros(n, device=x.device)
         for i in range(self.queries - 1):
             a = (cur_margin >= 0).nonzero().squeeze(1)
             if len(a) == 0:
                 break
             s = max(min(int(round(math.sqrt(self._p(i) * h * w))), h, w), 1)
-            r = int(torch.randint(0, h - s + 1, (1,), generator=generator))
-            col = int(torch.randint(0, w - s + 1, (1,), generator=generator))
-            signs = (torch.randint(0, 2, (len(a), c, 1, 1), generator=generator) * 2 - 1).float()
+            r = int(torch.randint(0, h - s + 1, (1,), generator=generator, device="cpu"))
+            col = int(torch.randint(0, w - s + 1, (1,), generator=generator, device="cpu"))
+            signs = (torch.randint(0, 2, (len(a), c, 1, 1), generator=generator, device="cpu") * 2 - 1
+                     ).float().to(x.device)
             delta = cur[a] - shaped[a]
             if self.norm == "Linf":
                 delta[:, :, r:r + s, col:col + s] = self.eps * signs
             else:
-                r2 = int(torch.randint(0, h - s + 1, (1,), generator=generator))
-                c2 = int(torch.randint(0, w - s + 1, (1,), generator=generator))
+                r2 = int(torch.randint(0, h - s + 1, (1,), generator=generator, device="cpu"))
+                c2 = int(torch.randint(0, w - s + 1, (1,), generator=generator, device="cpu"))
                 w1 = (slice(None), slice(None), slice(r, r + s), slice(col, col + s))
                 w2 = (slice(None), slice(None), slice(r2, r2 + s), slice(c2, c2 + s))
                 mass = (delta[w1].pow(2).sum((1, 2, 3)) + delta[w2].pow(2).sum((1, 2, 3))).sqrt()
                 delta[w2] = 0
-                bump = _bump(s)
+                bump = _bump(s).to(x.device)
                 delta[w1] = signs * bump / bump.norm() / math.sqrt(c) * mass.view(-1, 1, 1, 1)
             cand = project(shaped[a] + delta, shaped[a], self.eps, self.norm, bounds)
             m = margin(model.logits(run(cand)), y[a])
@@ -85,10 +87,10 @@ class Square(Attack):
 
     def _bump_grid(self, n: int, c: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
         s = max(min(h, w) // 5, 1)
-        grid = torch.zeros(n, c, h, w)
+        grid = torch.zeros(n, c, h, w, device="cpu")  # drawn on the CPU, like every random draw; moved by the caller
         for r in range(0, h - s + 1, s):
             for col in range(0, w - s + 1, s):
-                signs = (torch.randint(0, 2, (n, c, 1, 1), generator=generator) * 2 - 1).float()
+                signs = (torch.randint(0, 2, (n, c, 1, 1), generator=generator, device="cpu") * 2 - 1).float()
                 grid[:, :, r:r + s, col:col + s] = signs * _bump(s)
         norms = grid.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return grid / norms * self.eps
@@ -99,6 +101,6 @@ class Square(Attack):
 
 def _bump(s: int) -> torch.Tensor:
     """A centred pattern of nested squares, heaviest in the middle (the paper's L2 meta-pattern)."""
-    i = torch.arange(s, dtype=torch.float32)
+    i = torch.arange(s, dtype=torch.float32, device="cpu")
     ring = torch.minimum(torch.minimum(i[:, None], i[None, :]), torch.minimum(s - 1 - i[:, None], s - 1 - i[None, :]))
     return 1.0 / (s // 2 + 1 - ring).clamp_min(1) ** 2

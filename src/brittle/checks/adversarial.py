@@ -21,11 +21,14 @@ from pydantic import Field, field_validator
 from ..attacks import APGD, FMN, APGDTargeted, Square
 from ..attacks.engine import Plan, evaluate_shard
 from ..attacks.geometry import normalise_norm
-from ..attacks.soundness import ZERO_GRADIENT_SHARE, Probe, gradient_health, is_random, outputs_probabilities, robust_fraction
-from ..backends import Task
-from ..result import CheckResult, Finding
+from ..attacks.soundness import (
+    ZERO_GRADIENT_SHARE, Probe, gradient_health, is_random, outputs_probabilities, robust_fraction,
+)
 from ..config import DEFAULT_EPS, ThreatModel
-from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, shard_seed, status_from_findings, validate_eps
+from ..result import CheckResult, Finding
+from ..seeds import derive_seed, seeded_subset
+from ..seeds import rng as seeded_rng
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, status_from_findings, validate_eps
 
 FIRST_CHECKPOINT = 0.22  # APGD's first step-size checkpoint, as a fraction of the run
 LATE_GAIN_SHARE = 0.1  # share of robust points whose loss still rose at the end that fires not-converged
@@ -160,69 +163,35 @@ class Adversarial(Check):
         return self._summarise(ctx, positions, x, y, state, plan, probes)
 
     def _positions(self, ctx: AuditContext) -> np.ndarray:
-        n_all, o = len(ctx.data), self.options
-        if o.max_samples is not None and o.max_samples < n_all:
-            rng = np.random.default_rng(shard_seed(ctx.seed, self.id, -1))
-            return np.sort(rng.choice(n_all, size=o.max_samples, replace=False))
-        return np.arange(n_all)
+        return seeded_subset(len(ctx.data), self.options.max_samples, ctx.seed, self.id)
 
     def _phase(self, ctx: AuditContext, name: str, x, y, plan: Plan, state: "_Merged", *, only_robust: bool,
                mask: np.ndarray | None = None) -> None:
         """Run `plan` shard by shard on every point (main phase) or on the points still robust (and in `mask`).
 
-        Shards go to the audit's backend; each result is saved the moment it arrives and merged in shard order
-        once all are in, so the numbers do not depend on the backend or on which shards a resume skipped.
+        Shards go through the audit's map_shards (saved as they arrive, any backend) and are merged in shard
+        order once all are in, so the numbers do not depend on the backend or on which shards a resume skipped.
+        Which points a later phase attacks is decided here, from merged results, before its shards are made.
         """
         o = self.options
-        starts = list(range(0, len(x), o.shard_size))
-        results: dict[int, dict] = {}
-        tasks: list[Task] = []
-        ctx.progress.start(f"adversarial {name}", len(starts))
-        for s, start in enumerate(starts):
-            key = f"{name}-{s:05d}"
-            saved = ctx.state.load(key)
-            if saved is not None:
-                if "passes" in saved:
-                    ctx.credit_passes(int(saved["passes"][0]), int(saved["passes"][1]))
-                results[s] = saved
-                ctx.progress.advance()
-                continue
+        tasks = []
+        for s, start in enumerate(range(0, len(x), o.shard_size)):
             local = np.arange(start, min(start + o.shard_size, len(x)))
             if only_robust:
                 local = local[state.robust[local] & (True if mask is None else mask[local])]
-            if len(local) == 0:
-                results[s] = {"pos": local}
-                ctx.state.save(key, results[s])
-                ctx.progress.advance()
-                continue
-            tasks.append(Task(key, local, (plan, shard_seed(ctx.seed, f"{self.id}/{name}", s))))
-
-        def done(task: Task, result: dict) -> None:
-            result = {"pos": task.positions, **{k: np.asarray(v) for k, v in result.items()}}
-            ctx.state.save(task.key, result)
-            if not ctx.backend.in_process:  # passes made on a worker never touched the driver's counter
-                ctx.credit_passes(int(result["passes"][0]), int(result["passes"][1]))
-            results[int(task.key.rsplit("-", 1)[1])] = result
-            ctx.progress.advance()
-
-        if tasks:
-            ctx.backend.run(shard_arrays, ctx.model, x, y, tasks, done)
-        ctx.progress.finish()
-        for s in sorted(results):
-            state.merge(results[s], first=not only_robust)
+            tasks.append((f"{s:05d}", (local, plan, derive_seed(ctx.seed, self.id, name, s))))
+        for result in ctx.map_shards(name, attack_positions, tasks, shared=(x, y), label=f"adversarial {name}"):
+            state.merge(result, first=not only_robust)
 
     @staticmethod
     def _evaluate(ctx: AuditContext, x, y, local: np.ndarray, plan: Plan, seed: int) -> dict[str, np.ndarray]:
         """One shard on the points `local`, in the driver (for probes)."""
-        if len(local) == 0:
-            return {"pos": local}
-        t = torch.as_tensor(local)
-        return {"pos": local, **shard_arrays(ctx.model, x[t], y[t], plan, seed)}
+        return attack_positions(ctx.model, x, y, local, plan, seed)
 
     # ----- soundness: before the ensemble ------------------------------------------------------------------
     def _pre_probes(self, ctx: AuditContext, x, y, probes: list[Probe]) -> tuple[Plan, torch.Tensor]:
         o, model = self.options, ctx.model
-        rng = np.random.default_rng(shard_seed(ctx.seed, self.id, -2))
+        rng = seeded_rng(ctx.seed, self.id, "probes")
         order = torch.as_tensor(rng.permutation(len(x)))
         pred = model.logits(x[order[: 4 * o.probe_size]]).argmax(1)
         probe_idx = order[: 4 * o.probe_size][pred == y[order[: 4 * o.probe_size]]][: o.probe_size]
@@ -331,7 +300,7 @@ class Adversarial(Check):
         bb_broken = 0
         if len(sub):
             probe_plan = replace(plan, stages=(Square(norm=o.norm, eps=o.eps, queries=o.square_queries),), min_norm=None)
-            found = self._evaluate(ctx, x, y, sub, probe_plan, shard_seed(ctx.seed, self.id, -3))
+            found = self._evaluate(ctx, x, y, sub, probe_plan, derive_seed(ctx.seed, self.id, "black-box probe"))
             bb_broken = int((found["correct"] & ~found["robust"]).sum())
             state.merge(found, first=False)  # its adversarial examples are verified: they count
         eps_probe = self._eps_probe(ctx, x, y, plan, probe_idx,
@@ -377,7 +346,7 @@ class Adversarial(Check):
             return {"curve": [], "increase": False, "flat": False, "large": 0.0, "large_eps": 0.0}
         span = model.bounds[1] - model.bounds[0]
         large = 0.5 * span * (1.0 if o.norm == "Linf" else float(np.sqrt(px[0].numel())))
-        seed = shard_seed(ctx.seed, self.id, -4)
+        seed = derive_seed(ctx.seed, self.id, "eps probe")
         steps = max(o.first_steps, 20)
         with model.escalated(eot_samples=plan.eot_samples, straight_through=plan.straight_through,
                              log_outputs=plan.log_outputs):
@@ -467,6 +436,15 @@ class Adversarial(Check):
             "samples_evaluated": n, "samples_total": len(ctx.data),
         }
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
+
+
+def attack_positions(model, x: torch.Tensor, y: torch.Tensor, positions: np.ndarray, plan: Plan,
+                     seed: int) -> dict[str, np.ndarray]:
+    """One shard: the plan on the rows `positions` of (x, y), with those positions in the result (a shard task)."""
+    if len(positions) == 0:
+        return {"pos": positions, "passes": np.array([0, 0])}
+    t = torch.as_tensor(positions)
+    return {"pos": positions, **shard_arrays(model, x[t], y[t], plan, seed)}
 
 
 def shard_arrays(model, x: torch.Tensor, y: torch.Tensor, plan: Plan, seed: int) -> dict[str, np.ndarray]:

@@ -12,6 +12,8 @@ from pydantic import Field
 
 from ..attribution import attribute_prepared
 from ..result import CheckResult
+from ..seeds import rng as seeded_rng
+from ..seeds import seeded_subset
 from .base import AuditContext, Check, CheckOptions, Needs, load_other_model
 
 
@@ -35,10 +37,10 @@ class Attribution(Check):
 
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options
-        g = np.random.default_rng(ctx.seed)
+        g = seeded_rng(ctx.seed, self.id, "targets")
         train = ctx.train_data
         if len(train) > o.max_train:
-            train = train.subset(np.sort(g.choice(len(train), o.max_train, replace=False)))
+            train = train.subset(seeded_subset(len(train), o.max_train, ctx.seed, self.id))
         preds = ctx.model.predict(ctx.data.x).numpy()
         y = ctx.data.y.numpy()
         wrong = np.flatnonzero(preds != y)
@@ -48,7 +50,7 @@ class Attribution(Check):
         adapters = [ctx.model] + [load_other_model(p, ctx) for p in o.other_models]
         store = None if ctx.state.root is None else ctx.state.root / "features"
         result = attribute_prepared(adapters, train, targets, proj_dim=o.proj_dim, ridge=o.ridge, store=store,
-                                    progress=ctx.progress, seed=ctx.seed)
+                                    progress=ctx.progress, seed=ctx.seed, map_shards=ctx.map_shards)
         summary = result.summary(o.top)
         for t, row in zip(summary["targets"], rows):
             t.update(label=int(y[row]), prediction=int(preds[row]))

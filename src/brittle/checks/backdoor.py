@@ -39,6 +39,8 @@ import torch
 from pydantic import Field
 
 from ..result import CheckResult, Finding
+from ..seeds import derive_seed
+from ..seeds import rng as seeded_rng
 from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, robust_z, status_from_findings
 
 MIN_REFERENCE_PER_CLASS = 10  # held-out examples a class needs for its own persistence null
@@ -107,10 +109,13 @@ class Backdoor(Check):
         x_tr, y_tr = train.x, train.y.numpy()
         x_ref, y_ref = ref.x, ref.y.numpy()
         classes = int(max(y_tr.max(), y_ref.max()) + 1)
-        g = np.random.default_rng(ctx.seed)
+        g = seeded_rng(ctx.seed, self.id, "confirm")
         ctx.progress.message(f"backdoor: overlay persistence of {len(y_tr)} training examples ({o.overlays} overlays each)")
-        s_tr = self._persistence(model, x_tr, y_tr, x_ref, y_ref, g)
-        s_ref = self._persistence(model, x_ref, y_ref, x_ref, y_ref, g)
+        tasks = [(f"{r:03d}", (o.overlay, derive_seed(ctx.seed, self.id, "overlay", r))) for r in range(o.overlays)]
+        rounds = ctx.map_shards("overlay", overlay_persistence, tasks, shared=(x_tr, y_tr, x_ref, y_ref),
+                                label="backdoor overlays")
+        s_tr = np.mean([r["train"] for r in rounds], 0)
+        s_ref = np.mean([r["reference"] for r in rounds], 0)
         ctx.progress.message("backdoor: content and residuals against the held-out inputs")
         content, unit_residual = _content_and_residual(x_ref, y_ref, x_tr, classes, o.content_neighbours)
         label_support = content[np.arange(len(y_tr)), y_tr]  # how much the example looks like its label
@@ -184,19 +189,6 @@ class Backdoor(Check):
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
 
     # ------------------------------------------------------------------------------------------------------
-    def _persistence(self, model, x: torch.Tensor, y: np.ndarray, pool: torch.Tensor, pool_y: np.ndarray,
-                     g: np.random.Generator) -> np.ndarray:
-        """Mean probability of each example's own label when overlaid with held-out inputs of other classes."""
-        o = self.options
-        total = np.zeros(len(x))
-        for _ in range(o.overlays):
-            partner = _other_class_partners(y, pool_y, g)
-            other = pool[torch.as_tensor(partner)]
-            mixed = torch.maximum(x, other) if o.overlay == "max" else 0.5 * (x + other)
-            probs = torch.softmax(model.logits(mixed, batch_size=512), 1).numpy()
-            total += probs[np.arange(len(x)), y]
-        return total / o.overlays
-
     @staticmethod
     def _threshold(s_ref: np.ndarray, y_ref: np.ndarray, c: int, q: float) -> float:
         own = s_ref[y_ref == c]
@@ -233,6 +225,20 @@ class Backdoor(Check):
         rate, control_rate = float(stamped.mean()), float(controlled.mean())
         return {"success_rate": rate, "control_rate": control_rate, "gain": rate - control_rate, "z": float(z),
                 "trigger": trigger.numpy()}
+
+
+def overlay_persistence(model, x_tr: torch.Tensor, y_tr: np.ndarray, x_ref: torch.Tensor, y_ref: np.ndarray,
+                        overlay: str, seed: int) -> dict[str, np.ndarray]:
+    """One overlay round (a shard task): the probability of each training and each held-out example's own label
+    when overlaid with a random held-out input of another class."""
+    g = np.random.default_rng(seed)
+    out = {}
+    for key, x, y in (("train", x_tr, y_tr), ("reference", x_ref, y_ref)):
+        other = x_ref[torch.as_tensor(_other_class_partners(y, y_ref, g))]
+        mixed = torch.maximum(x, other) if overlay == "max" else 0.5 * (x + other)
+        probs = torch.softmax(model.logits(mixed, batch_size=512, fast=True), 1).numpy()
+        out[key] = probs[np.arange(len(x)), y]
+    return out
 
 
 def _other_class_partners(y: np.ndarray, pool_y: np.ndarray, g: np.random.Generator) -> np.ndarray:

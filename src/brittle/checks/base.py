@@ -6,7 +6,6 @@ typo in a new check fails at import, in the check author's test run, not in a us
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import re
 from abc import ABC, abstractmethod
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .._atomic import write_npz
 from .._progress import Progress
-from ..backends import Backend, LocalBackend
+from ..backends import Backend, LocalBackend, Task
 from ..config import ThreatModel
 from ..errors import UsageError, arg
 from ..loading.data import Dataset
@@ -28,7 +27,7 @@ from ..loading.models import file_sha256
 from ..model import ModelAdapter
 from ..result import CheckResult, Finding
 
-__all__ = ["Check", "FindingDoc", "Needs", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "get_check", "status_from_findings", "shard_seed",
+__all__ = ["Check", "FindingDoc", "Needs", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "status_from_findings",
            "robust_z", "missing_packages", "DATA_EXTRA", "load_other_model", "validate_eps"]
 
 REGISTRY: dict[str, type["Check"]] = {}
@@ -113,11 +112,48 @@ class AuditContext:
     progress: Progress = field(default_factory=Progress)
     backend: Backend = field(default_factory=LocalBackend)
     credited: list[int] = field(default_factory=lambda: [0, 0])
+    check_id: str = ""
 
     def credit_passes(self, forward: int, backward: int) -> None:
-        """Count passes of work reused from a saved state, so a resumed run reports the full cost."""
+        """Count passes of work reused from a saved state, or made on another worker's copy of the model, so that
+        the check reports its full cost."""
         self.credited[0] += forward
         self.credited[1] += backward
+
+    def map_shards(self, name: str, fn, tasks: list[tuple[str, tuple]], shared: tuple = (), *,
+                   label: str | None = None) -> list[dict[str, np.ndarray]]:
+        """Run `fn(model, *shared, *args)` for every `(key, args)` task on the audit's backend and return the
+        results (dicts of arrays) in task order.
+
+        This is the unit of resumable, distributable work: each result is saved the moment it arrives (as
+        `<name>-<key>` in the check's state), a resumed run on any backend reuses every saved one, and the passes
+        a task made are counted wherever it ran. `fn` must be a module-level function and a pure function of
+        its inputs (seeds come in `args`), so that the numbers do not depend on the backend or on the order."""
+        results: dict[str, dict] = {}
+        todo = []
+        self.progress.start(label or f"{self.check_id} {name}".strip(), len(tasks))
+        for key, args in tasks:
+            saved = self.state.load(f"{name}-{key}")
+            if saved is not None:
+                self.credit_passes(*(int(v) for v in saved["passes"]))
+                results[key] = saved
+                self.progress.advance()
+            else:
+                todo.append(Task(f"{name}-{key}", tuple(args)))
+        keys = {f"{name}-{key}": key for key, _ in tasks}
+
+        def done(task: Task, result: dict) -> None:
+            result = {k: _to_numpy(v) for k, v in result.items()}
+            self.state.save(task.key, result)
+            if not self.backend.in_process:  # made on a worker's copy of the model: the driver's counter missed it
+                self.credit_passes(*(int(v) for v in result["passes"]))
+            results[keys[task.key]] = result
+            self.progress.advance()
+
+        if todo:
+            self.backend.run(fn, self.model, tuple(shared), todo, done)
+        self.progress.finish()
+        return [results[key] for key, _ in tasks]
 
 
 def robust_z(values: np.ndarray, reference: np.ndarray | None = None, *, pad: float = 1e-6) -> np.ndarray:
@@ -138,12 +174,6 @@ def validate_eps(check_id: str, norm: str, eps: float, bounds: tuple[float, floa
         hint = f" Did you mean {eps:g}/255 = {eps / 255:.4g}?" if eps >= 1 and span <= 1 else ""
         raise UsageError(f"The 'eps' option of [{check_id}] must be at most the input range {span:g} for norm Linf "
                          f"(inputs lie in [{bounds[0]:g}, {bounds[1]:g}]); got {eps:g}.{hint}")
-
-
-def shard_seed(seed: int, check_id: str, shard: int) -> int:
-    """A seed per (run seed, check, shard): a shard's result does not depend on which shards ran before it."""
-    digest = hashlib.sha256(f"{seed}:{check_id}:{shard}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 DATA_EXTRA = "pip install 'brittle[data]' (with -c constraints.txt in this environment)"
@@ -238,12 +268,3 @@ class Check(ABC):
     @abstractmethod
     def run(self, ctx: AuditContext) -> CheckResult:
         """Do the work. Costs are measured by the runner; return metrics, findings, details and arrays."""
-
-
-def get_check(check_id: str) -> type[Check]:
-    from . import available_checks  # noqa: F401 - importing registers the built-in checks
-
-    try:
-        return REGISTRY[check_id]
-    except KeyError:
-        raise KeyError(check_id) from None

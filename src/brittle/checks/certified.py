@@ -22,6 +22,9 @@ from ..certify import alpha_crown_margins, crown_margins, ibp_margins, network_f
 from ..config import DEFAULT_EPS, ThreatModel
 from ..errors import UsageError
 from ..result import CheckResult, Finding
+from ..seeds import derive_seed, seeded_subset
+from ..smoothing import SmoothingResult
+from ..smoothing import certify as smooth_certify
 from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, validate_eps
 
 METHODS = ("ibp", "crown", "alpha_crown")
@@ -96,23 +99,26 @@ class Certified(Check):
         o = self.options
         eps = o.eps
         net = network_from(ctx.model)
-        g = np.random.default_rng(ctx.seed)
-        idx = np.sort(g.choice(len(ctx.data), size=min(o.max_samples, len(ctx.data)), replace=False))
+        idx = seeded_subset(len(ctx.data), o.max_samples, ctx.seed, self.id)
         x, y = ctx.data.x[torch.as_tensor(idx)], ctx.data.y[torch.as_tensor(idx)]
         curve_eps = sorted({round(eps * f, 10) for f in o.eps_curve} | {eps})
         curve = {"eps": curve_eps, "certified": [], "empirical": [], "unknown": [], "by_method": []}
         final: dict = {}
-        ctx.progress.start("certified", len(curve_eps))
+        batches = list(range(0, len(x), o.batch_size))
+        tasks = [(f"{i:02d}-{b:05d}", (np.arange(start, min(start + o.batch_size, len(x))), e, o.model_dump(),
+                                        derive_seed(ctx.seed, self.id, i, b)))
+                 for i, e in enumerate(curve_eps) for b, start in enumerate(batches)]
+        shards = iter(ctx.map_shards("cascade", cascade_positions, tasks, shared=(x, y), label="certified"))
         for e in curve_eps:
-            status, by = self._cascade(ctx, net, x, y, e)
+            parts = [next(shards) for _ in batches]
+            status = np.concatenate([p["status"] for p in parts]).astype(str)
+            by = {name: int(sum(int(p[f"by_{name}"]) for p in parts)) for name in ("attack", *o.methods)}
             curve["certified"].append(float((status == "certified").mean()))
             curve["empirical"].append(float((status != "broken").mean()))
             curve["unknown"].append(float((status == "unknown").mean()))
             curve["by_method"].append(by)
             if e == eps:
                 final = {"status": status, "by": by}
-            ctx.progress.advance()
-        ctx.progress.finish()
         status = final["status"]
         clean = float((ctx.model.predict(x) == y).float().mean())
         metrics = {"certified_accuracy": float((status == "certified").mean()),
@@ -122,11 +128,13 @@ class Certified(Check):
                          "certified_by": final["by"],
                          "layers": [k if m is None else type(m).__name__ for k, m in net.layers]}
         if o.smoothing_sigma:
-            from ..smoothing import certify as smooth_certify
-
             n_s = min(o.smoothing_samples, len(idx))
-            sm = smooth_certify(ctx.model, x[:n_s], sigma=o.smoothing_sigma, n0=o.smoothing_n0, n=o.smoothing_n,
-                                alpha=o.smoothing_alpha, seed=ctx.seed)
+            chunks = [np.arange(start, min(start + 10, n_s)) for start in range(0, n_s, 10)]
+            parts = ctx.map_shards("smoothing", smoothed_positions, [
+                (f"{k:04d}", (c, o.smoothing_sigma, o.smoothing_n0, o.smoothing_n, o.smoothing_alpha,
+                              derive_seed(ctx.seed, self.id, "smoothing", k))) for k, c in enumerate(chunks)],
+                shared=(x,), label="randomized smoothing")
+            sm = SmoothingResult(*(np.concatenate([p[k] for p in parts]) for k in ("prediction", "radius", "p_lower")))
             ok = (sm.prediction == y[:n_s].numpy())
             radius_eps = eps if o.norm == "L2" else eps * float(np.sqrt(x[0].numel()))  # Linf ball inside L2 ball
             metrics["smoothed_certified_accuracy"] = float((ok & (sm.radius >= radius_eps)).mean())
@@ -150,28 +158,39 @@ class Certified(Check):
             {"certified": 2, "broken": 0, "unknown": 1}[s] for s in status], dtype=np.int8)}
         return CheckResult(self.id, "warn" if findings else "pass", metrics, findings, details, arrays)
 
-    def _cascade(self, ctx: AuditContext, net, x, y, eps: float) -> tuple[np.ndarray, dict]:
-        o = self.options
-        status = np.array(["unknown"] * len(x), dtype=object)
-        plan = Plan(o.norm, eps, (APGD(norm=o.norm, eps=eps, steps=o.attack_steps, loss="ce"),
-                                  APGDTargeted(norm=o.norm, eps=eps, steps=o.attack_steps, n_targets=3)))
-        by = {"attack": 0, **{m: 0 for m in o.methods}}
-        for s in range(0, len(x), o.batch_size):
-            xb, yb = x[s: s + o.batch_size], y[s: s + o.batch_size]
-            out = evaluate_shard(ctx.model, xb, yb, plan, seed=ctx.seed + s)
-            robust = out.robust.numpy()
-            status[s: s + len(xb)][~robust] = "broken"
-            by["attack"] += int(out.correct.sum() - out.robust.sum())
-            left = np.flatnonzero(robust)
-            for method in o.methods:
-                if len(left) == 0:
-                    break
-                kwargs = {"steps": o.alpha_steps} if method == "alpha_crown" else {}
-                if method != "ibp":
-                    kwargs["norm"] = o.norm  # IBP bounds the box around the ball: sound for L2 too, looser
-                lb = _BOUND[method](net, xb[left], yb[left], eps, ctx.model.bounds, **kwargs)
-                proven = (lb > 0).all(1).numpy()
-                status[s + left[proven]] = "certified"
-                by[method] += int(proven.sum())
-                left = left[~proven]
-        return status.astype(str), by
+
+
+def cascade_positions(model, x: torch.Tensor, y: torch.Tensor, positions: np.ndarray, eps: float, options: dict,
+                      seed: int) -> dict[str, np.ndarray]:
+    """One batch at one eps (a shard task): attacks mark points broken; IBP, then CROWN, then alpha-CROWN try to
+    prove the rest. Statuses per point, and how many each stage settled."""
+    o = CertifiedOptions(**options)
+    net = network_from(model)
+    xb, yb = x[torch.as_tensor(positions)], y[torch.as_tensor(positions)]
+    status = np.array(["unknown"] * len(xb), dtype="U9")
+    plan = Plan(o.norm, eps, (APGD(norm=o.norm, eps=eps, steps=o.attack_steps, loss="ce"),
+                              APGDTargeted(norm=o.norm, eps=eps, steps=o.attack_steps, n_targets=3)))
+    out = evaluate_shard(model, xb, yb, plan, seed=seed)
+    robust = out.robust.numpy()
+    status[~robust] = "broken"
+    by = {"by_attack": int(out.correct.sum() - out.robust.sum())}
+    left = np.flatnonzero(robust)
+    for method in o.methods:
+        proven = np.zeros(0, bool)
+        if len(left):
+            kwargs = {"steps": o.alpha_steps} if method == "alpha_crown" else {}
+            if method != "ibp":
+                kwargs["norm"] = o.norm  # IBP bounds the box around the ball: sound for L2 too, looser
+            lb = _BOUND[method](net, xb[left], yb[left], eps, model.bounds, **kwargs)
+            proven = (lb > 0).all(1).numpy()
+            status[left[proven]] = "certified"
+            left = left[~proven]
+        by[f"by_{method}"] = int(proven.sum())
+    return {"status": status, **by}
+
+
+def smoothed_positions(model, x: torch.Tensor, positions: np.ndarray, sigma: float, n0: int, n: int, alpha: float,
+                       seed: int) -> dict[str, np.ndarray]:
+    """Randomized-smoothing certificates of a few points (a shard task; each costs n0 + n forwards)."""
+    r = smooth_certify(model, x[torch.as_tensor(positions)], sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed)
+    return {"prediction": r.prediction, "radius": r.radius, "p_lower": r.p_lower}

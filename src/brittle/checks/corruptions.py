@@ -20,8 +20,10 @@ import torch
 from pydantic import Field, field_validator
 
 from ..corruptions import TABULAR, corrupt, corrupt_tabular, corruption_names
-from ..label_free import estimate_accuracy, fit_source
+from ..label_free import estimate_accuracy, fit_source, prediction_instability
 from ..result import CheckResult, Finding
+from ..seeds import rng as seeded_rng
+from ..seeds import seeded_subset
 from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, load_other_model, status_from_findings
 
 
@@ -91,52 +93,34 @@ class Corruptions(Check):
 
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options
-        g = np.random.default_rng(ctx.seed)
-        idx = np.sort(g.choice(len(ctx.data), size=min(o.max_samples, len(ctx.data)), replace=False))
+        idx = seeded_subset(len(ctx.data), o.max_samples, ctx.seed, self.id)
         x, y = ctx.data.x[torch.as_tensor(idx)], ctx.data.y[torch.as_tensor(idx)].numpy()
         names = self._names(x)
         others = [load_other_model(p, ctx) for p in o.other_models]
         reference = load_other_model(o.reference_model, ctx) if o.reference_model else None
         models = [ctx.model] + others + ([reference] if reference else [])
-        low, high = ctx.model.bounds
-        span = high - low
         # Estimators are fitted on a clean half and judged on the corrupted other half.
-        halves = g.permutation(len(idx)) % 2 == 0
+        halves = seeded_rng(ctx.seed, self.id, "halves").permutation(len(idx)) % 2 == 0
         fit_part, judge_part = np.flatnonzero(halves), np.flatnonzero(~halves)
         clean = [m.logits(x).numpy() for m in models]
         n_est = 1 + len(others)
         fit = fit_source([z[fit_part] for z in clean[:n_est]], y[fit_part], num_classes=clean[0].shape[1])
-        tab_mean, tab_std = (x.mean(0), x.std(0)) if x.ndim == 2 else (None, None)
-
+        tabular = (x.mean(0), x.std(0)) if x.ndim == 2 else None
+        scale = None if tabular is None else tabular[1]
+        source_instability = prediction_instability(ctx.model, x[torch.as_tensor(fit_part)], seed=ctx.seed, scale=scale)
+        tasks = [(name, (name, o.severities, ctx.seed, source_instability)) for name in names]
+        shards = ctx.map_shards("set", corrupted_predictions, tasks, shared=(x, y, models[1:], judge_part, fit, n_est,
+                                                                             tabular), label="corruptions")
         accuracy = {n: [] for n in names}  # the audited model's, per severity
         ref_error = {n: [] for n in names}
         estimates = []
-        ctx.progress.start("corruptions", len(names))
-        for name in names:
-            saved = ctx.state.load(name)
-            if saved is not None and saved["severities"].tolist() == o.severities:
-                preds = saved["predictions"]  # (models, severities, N)
-                est = saved["estimates"]
-            else:
-                preds = np.zeros((len(models), len(o.severities), len(idx)), np.int64)
-                est = np.zeros((len(o.severities), 3))  # estimate, truth, warned
-                for si, sev in enumerate(o.severities):
-                    if x.ndim == 4:
-                        xc = corrupt((x - low) / span, name, sev, seed=ctx.seed) * span + low
-                    else:
-                        xc = corrupt_tabular(x, name, sev, seed=ctx.seed, mean=tab_mean, std=tab_std).clamp(low, high)
-                    logits = [m.logits(xc).numpy() for m in models]
-                    preds[:, si] = np.stack([z.argmax(1) for z in logits])
-                    e = estimate_accuracy(fit, [z[judge_part] for z in logits[:n_est]])
-                    est[si] = (e.estimate, float((preds[0, si, judge_part] == y[judge_part]).mean()), bool(e.warnings))
-                ctx.state.save(name, {"severities": np.array(o.severities), "predictions": preds, "estimates": est})
+        for name, shard in zip(names, shards):
+            preds, est = shard["predictions"], shard["estimates"]  # (models, severities, N); (severities, 3)
             accuracy[name] = (preds[0] == y[None]).mean(1).tolist()
             if reference is not None:
                 ref_error[name] = (1 - (preds[-1] == y[None]).mean(1)).tolist()
             estimates += [dict(corruption=name, severity=sev, estimate=float(e[0]), truth=float(e[1]), warned=bool(e[2]))
                           for sev, e in zip(o.severities, est)]
-            ctx.progress.advance()
-        ctx.progress.finish()
 
         clean_acc = float((clean[0].argmax(1) == y).mean())
         per_type = {n: float(np.mean(a)) for n, a in accuracy.items()}
@@ -177,6 +161,8 @@ class Corruptions(Check):
                                                  f"truth {e['truth']:.0%})" for e in silent[:3]) + ".",
                 {"sets": silent[:10]}))
         arrays = {}
+        low, high = ctx.model.bounds
+        span = high - low
         if x.ndim == 4:
             shown = x[:1]
             arrays["example_clean"] = shown.numpy()
@@ -185,3 +171,28 @@ class Corruptions(Check):
                  + low)[0].numpy() for n in names])
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
 
+
+
+def corrupted_predictions(model, x: torch.Tensor, y: np.ndarray, others: list, judge_part: np.ndarray, fit, n_est: int,
+                          tabular, name: str, severities: list[int], seed: int,
+                          source_instability: float) -> dict[str, np.ndarray]:
+    """One shard: every model's predictions on `x` under one corruption at each severity, and the label-free
+    estimate of the audited model's accuracy on the judged half beside its truth (a shard task)."""
+    models = [model, *others]
+    low, high = model.bounds
+    span = high - low
+    preds = np.zeros((len(models), len(severities), len(x)), np.int64)
+    est = np.zeros((len(severities), 3))  # estimate, truth, warned
+    for si, sev in enumerate(severities):
+        if tabular is None:
+            xc = corrupt((x - low) / span, name, sev, seed=seed) * span + low
+        else:
+            xc = corrupt_tabular(x, name, sev, seed=seed, mean=tabular[0], std=tabular[1]).clamp(low, high)
+        logits = [m.logits(xc, fast=True).numpy() for m in models]
+        preds[:, si] = np.stack([z.argmax(1) for z in logits])
+        judged = xc[torch.as_tensor(judge_part)]
+        instability = prediction_instability(model, judged, seed=seed, scale=None if tabular is None else tabular[1])
+        e = estimate_accuracy(fit, [z[judge_part] for z in logits[:n_est]],
+                              instability=(source_instability, instability))
+        est[si] = (e.estimate, float((preds[0, si, judge_part] == y[judge_part]).mean()), bool(e.warnings))
+    return {"predictions": preds, "estimates": est}

@@ -21,8 +21,9 @@ from torch import nn
 
 from ..errors import UsageError
 from ..result import CheckResult, Finding
+from ..seeds import derive_seed
 from .base import (
-    AuditContext, Check, CheckOptions, FindingDoc, Needs, missing_packages, shard_seed, status_from_findings,
+    AuditContext, Check, CheckOptions, FindingDoc, Needs, missing_packages, status_from_findings,
 )
 
 
@@ -120,8 +121,9 @@ class LabelErrors(Check):
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
 
     def _retrained_probabilities(self, ctx: AuditContext) -> np.ndarray:
-        """K-fold: train through the user's function without each fold, predict the fold. Each fold's
-        probabilities are saved as they come, so an interrupted run resumes at the next training."""
+        """K-fold: train through the user's function without each fold, predict the fold. Each fold is a shard
+        task, saved as it comes, so an interrupted run resumes at the next training (and folds can train in
+        parallel on the process or Ray backend)."""
         from sklearn.model_selection import StratifiedKFold
 
         from ..loading.models import import_callable
@@ -129,33 +131,35 @@ class LabelErrors(Check):
         o = self.options
         train = ctx.train_data
         y = train.y.numpy()
-        fit_fn = import_callable(o.train_fn, "train function", "it must train and return an nn.Module")
-        probs = np.zeros((len(y), int(y.max()) + 1))
+        import_callable(o.train_fn, "train function", "it must train and return an nn.Module")  # fail here, not later
         splits = StratifiedKFold(o.folds, shuffle=True, random_state=ctx.seed % 2**32).split(np.zeros(len(y)), y)
-        ctx.progress.start(f"label_errors: {o.folds} trainings through {o.train_fn}", o.folds)
-        for k, (fit, held) in enumerate(splits):
-            saved = ctx.state.load(f"fold{k}")
-            if saved is None or not np.array_equal(saved["held"], held):
-                model = fit_fn(train.x[torch.as_tensor(fit)], train.y[torch.as_tensor(fit)],
-                               seed=shard_seed(ctx.seed, self.id, k))
-                if not isinstance(model, nn.Module):
-                    raise UsageError(f"The train function {o.train_fn!r} returned {type(model).__name__}, not an "
-                                     "nn.Module.")
-                model.eval()
-                with torch.no_grad():
-                    logits = torch.cat([model(part) for part in train.x[torch.as_tensor(held)].split(512)])
-                if logits.dim() != 2 or len(logits) != len(held) or logits.shape[1] < probs.shape[1]:
-                    raise UsageError(f"The model from {o.train_fn!r} returned outputs of shape "
-                                     f"{tuple(logits.shape)} for {len(held)} inputs; it must return one row of at least "
-                                     f"{probs.shape[1]} class scores per input.")
-                saved = {"held": held, "probs": torch.softmax(logits.double(), 1).numpy()}
-                ctx.state.save(f"fold{k}", saved)
-            if saved["probs"].shape[1] > probs.shape[1]:  # the model knows classes absent from the labels
-                probs = np.pad(probs, ((0, 0), (0, saved["probs"].shape[1] - probs.shape[1])))
-            probs[held, : saved["probs"].shape[1]] = saved["probs"]
-            ctx.progress.advance()
-        ctx.progress.finish()
+        tasks = [(f"{k:02d}", (o.train_fn, fit, held, derive_seed(ctx.seed, self.id, "fold", k)))
+                 for k, (fit, held) in enumerate(splits)]
+        folds = ctx.map_shards("fold", retrained_fold, tasks, shared=(train.x, train.y),
+                               label=f"label_errors: {o.folds} trainings through {o.train_fn}")
+        probs = np.zeros((len(y), max(int(y.max()) + 1, max(f["probs"].shape[1] for f in folds))))
+        for (_, (_, _, held, _)), fold in zip(tasks, folds):
+            probs[held, : fold["probs"].shape[1]] = fold["probs"]  # a model may know classes absent from the labels
         return probs
+
+
+def retrained_fold(model, x: torch.Tensor, y: torch.Tensor, train_fn: str, fit: np.ndarray, held: np.ndarray,
+                   seed: int) -> dict[str, np.ndarray]:
+    """One fold (a shard task): the user's train function on the other folds, its probabilities on this one."""
+    from ..loading.models import import_callable
+
+    fit_fn = import_callable(train_fn, "train function", "it must train and return an nn.Module")
+    trained = fit_fn(x[torch.as_tensor(fit)], y[torch.as_tensor(fit)], seed=seed)
+    if not isinstance(trained, nn.Module):
+        raise UsageError(f"The train function {train_fn!r} returned {type(trained).__name__}, not an nn.Module.")
+    trained.eval()
+    classes = int(y.max()) + 1
+    with torch.no_grad():
+        logits = torch.cat([trained(part) for part in x[torch.as_tensor(held)].split(512)])
+    if logits.dim() != 2 or len(logits) != len(held) or logits.shape[1] < classes:
+        raise UsageError(f"The model from {train_fn!r} returned outputs of shape {tuple(logits.shape)} for "
+                         f"{len(held)} inputs; it must return one row of at least {classes} class scores per input.")
+    return {"probs": torch.softmax(logits.double(), 1).numpy(), "passes": np.array([0, 0])}
 
 
 def out_of_sample_probabilities(embedding: np.ndarray, y: np.ndarray, *, folds: int, estimator: str, neighbours: int,

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from ..result import CheckResult, Finding
+from ..seeds import rng as seeded_rng
 from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, robust_z, status_from_findings
 
 SIGNIFICANT_T = 5.0  # a pixel's train/held-out difference counts only beyond this many standard errors
@@ -86,20 +87,14 @@ class Shortcuts(Check):
         stride = side  # a tiling: a marker across a border still loses part of itself in either region
         regions = [(i, j) for i in _starts(h, side, stride) for j in _starts(w, side, stride)]
         fill = x_ref.mean(0)
-        g = np.random.default_rng(ctx.seed)
+        g = seeded_rng(ctx.seed, self.id, "sample")
         sample = {c: g.permutation(np.flatnonzero(y_tr == c))[: o.per_class] for c in range(classes)}
         ctx.progress.message(f"shortcuts: occluding {len(regions)} regions of {side}x{side} in "
                              f"{sum(len(v) for v in sample.values())} training images")
-        drop = np.zeros((classes, len(regions)))
-        for c, idx in sample.items():
-            if len(idx) == 0:
-                continue
-            xc = x_tr[torch.as_tensor(idx)]
-            base = torch.softmax(model.logits(xc), 1)[:, c]
-            for k, (i, j) in enumerate(regions):
-                occluded = xc.clone()
-                occluded[..., i:i + side, j:j + side] = fill[..., i:i + side, j:j + side]
-                drop[c, k] = float((base - torch.softmax(model.logits(occluded, batch_size=1024), 1)[:, c]).mean())
+        tasks = [(f"{c:04d}", (c, sample[c])) for c in range(classes)]
+        rows = ctx.map_shards("occlusion", occlusion_drops, tasks, shared=(x_tr, fill, regions, side),
+                              label="shortcuts occlusion")
+        drop = np.stack([r["drop"] for r in rows])
         specificity = drop - np.median(drop, axis=0, keepdims=True)
         z = robust_z(specificity)
         shift = _train_heldout_shift(x_tr, y_tr, x_ref, y_ref, classes, regions, side)
@@ -187,6 +182,22 @@ def _band_finding(band: dict, names: list[str]) -> Finding:
         {"band": where, "classes": [names[t["class"]] for t in band["members"]], "accuracy": band["accuracy"],
          "accuracy_occluded": band["accuracy_occluded"], "readable_train": band["readable_train"],
          "readable_heldout": band["readable_heldout"], "regions": [t["region"] for t in band["members"]]})
+
+
+def occlusion_drops(model, x_tr: torch.Tensor, fill: torch.Tensor, regions: list, side: int, c: int,
+                    idx: np.ndarray) -> dict[str, np.ndarray]:
+    """One class (a shard task): the mean drop of its training examples' own-class probability when each region
+    is filled with the held-out mean."""
+    drop = np.zeros(len(regions))
+    if len(idx) == 0:
+        return {"drop": drop}
+    xc = x_tr[torch.as_tensor(idx)]
+    base = torch.softmax(model.logits(xc, fast=True), 1)[:, c]
+    for k, (i, j) in enumerate(regions):
+        occluded = xc.clone()
+        occluded[..., i:i + side, j:j + side] = fill[..., i:i + side, j:j + side]
+        drop[k] = float((base - torch.softmax(model.logits(occluded, batch_size=1024, fast=True), 1)[:, c]).mean())
+    return {"drop": drop}
 
 
 def _counterfactual(model, x_tr, y_tr, x_ref, y_ref, c, region, side, fill) -> dict:

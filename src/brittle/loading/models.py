@@ -16,7 +16,7 @@ import pickle
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,6 +40,9 @@ class ModelSpec(BaseModel):
     mean: list[float] | None = None
     std: list[float] | None = None
     batch_size: int = Field(256, ge=1)
+    device: str = Field("auto", description="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+    autocast: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision for forward-only bulk work "
+                                                     "(corruptions, overlays, occlusion); never for verification")
 
     @model_validator(mode="after")
     def _domain(self) -> "ModelSpec":
@@ -71,7 +74,8 @@ def load_model(spec: ModelSpec | str, **overrides: Any) -> ModelAdapter:
         spec = ModelSpec(**({"factory": spec} if _looks_like_factory(spec) else {"path": spec}), **overrides)
     elif overrides:
         spec = spec.model_copy(update=overrides)
-    common = dict(bounds=spec.bounds, mean=spec.mean, std=spec.std, batch_size=spec.batch_size)
+    common = dict(bounds=spec.bounds, mean=spec.mean, std=spec.std, batch_size=spec.batch_size, device=spec.device,
+                  autocast=spec.autocast)
     if spec.factory:
         module, fp = _load_factory(spec)
         return ModelAdapter(module, name=spec.factory, source_fingerprint=fp, **common)

@@ -95,6 +95,12 @@ def _finding_docs(audit: AuditResult) -> str:
     return "".join(parts)
 
 
+def _notes(run: dict) -> str:
+    """What the model adapter had to do that changes how to read the numbers (a retry, a conversion)."""
+    notes = run.get("notes") or []
+    return ('<p class="meta">Notes: ' + "; ".join(escape(n) for n in notes) + ".</p>") if notes else ""
+
+
 def _no_negative_zero(html: str) -> str:
     """'-0%' and '-0.0' from values that round to zero read as a sign error."""
     return re.sub(r"(?<![\w.])-(0(?:\.0+)?)(?=%|[^\w.]|$)", r"\1", html)
@@ -141,7 +147,8 @@ def render_html(audit: AuditResult) -> str:
 <h1>brittle audit <span class="verdict v-{audit.verdict}">{audit.verdict.upper()}</span></h1>
 <p class="meta">Model <b>{escape(str(run.get('model', '')))}</b> on <b>{escape(str(run.get('data', '')))}</b>
 ({run.get('samples', '?')} samples, {run.get('num_classes', '?')} classes, input {escape(str(run.get('input_shape', '')))},
-bounds {escape(str(run.get('bounds', '')))}) &middot; {escape(str(run.get('started', '')))} &middot; {run.get('seconds', 0):.1f} s</p>
+bounds {escape(str(run.get('bounds', '')))}) &middot; {escape(str(run.get('started', '')))} &middot; {run.get('seconds', 0):.1f} s
+&middot; device {escape(str(run.get('device', 'cpu')))}</p>{_notes(run)}
 <h2>Gates</h2>{gates_html}
 <h2>Worst findings</h2>{_findings(worst)}
 <h2>Checks</h2><table><tr><th>check</th><th>status</th><th>key metrics</th><th>time</th></tr>{summary}</table>

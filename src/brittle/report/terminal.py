@@ -19,6 +19,8 @@ def render_summary(audit: AuditResult, out_dir: str | None = None) -> str:
         state = "pass" if g.passed else ("FAIL" if g.passed is False else "not evaluated")
         value = f"{g.value:.4g}" if g.value is not None else "-"
         lines.append(f"  gate {g.expression}: {state} (value {value})")
+    for note in audit.run.get("notes") or []:
+        lines.append(f"  note: {note}")
     worst = [f for _, f in audit.findings() if f.severity == "high"][:3]
     for f in worst:
         lines.append(f"  ! {f.id}: {f.message}")
