@@ -12,3 +12,10 @@ def cnn() -> nn.Module:
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                          nn.Linear(256, 10))
+
+
+def demo_cnn() -> nn.Module:
+    """The demo's CNN (conv-relu-maxpool twice, two linear layers), for benchmarks that load it by factory."""
+    from brittle.demo.model import DemoCNN
+
+    return DemoCNN()

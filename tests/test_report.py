@@ -9,8 +9,8 @@ import numpy as np
 from brittle import _docgen
 from brittle._atomic import _umask, write_text
 from brittle.report.html import _evidence_value, _no_negative_zero
-from brittle.report.sections import _img
-from brittle.report.svg import line_chart, reliability_chart
+from brittle.render import image as _img
+from brittle.render import line_chart, reliability_chart
 
 
 def test_small_images_are_enlarged_with_nearest_neighbour():

@@ -30,7 +30,11 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
                 continue
-            graph[name] |= {t for t in targets if t in modules and t != name}
+            for target in targets:
+                # importing a.b.c runs a/__init__ and a/b/__init__ first: those are dependencies too
+                parts = target.split(".")
+                graph[name] |= {m for m in (".".join(parts[:k]) for k in range(1, len(parts) + 1))
+                                if m in modules and m != name and not name.startswith(m + ".")}
     return graph
 
 

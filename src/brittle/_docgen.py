@@ -1,4 +1,5 @@
-"""Documentation generated from the code, so that it cannot drift: docs/findings.md from the checks' `findings`.
+"""Documentation generated from the code, so that it cannot drift: docs/findings.md from the checks' `findings`,
+docs/config.md from every options model, docs/checks.md from the checks' metrics, details and arrays.
 
     python -m brittle._docgen            # rewrite the generated files under docs/
     python -m brittle._docgen --check    # exit 1 when a committed file differs (the tests do the same)
@@ -40,7 +41,84 @@ def findings_markdown() -> str:
     return "\n".join(lines)
 
 
-GENERATED = {"findings.md": findings_markdown}
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}" if value == value and abs(value) not in (float("inf"),) else str(value)
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _table(model_cls, skip: tuple[str, ...] = ()) -> list[str]:
+    """One line per option: `key = default   # meaning` (commented out when the default is 'none')."""
+    lines = []
+    for name, info in model_cls.model_fields.items():
+        if name in skip:
+            continue
+        default = info.get_default(call_default_factory=True)
+        text = f"# {name} =" if default is None else f"{name} = {_toml(default)}"
+        doc = (info.description or "").strip()
+        if default is None and "default" not in doc:
+            doc = f"(optional) {doc}"
+        lines.append(f"{text:<32} # {doc}" if len(text) < 32 else f"{text}  # {doc}")
+    return lines
+
+
+def config_markdown() -> str:
+    from .config import AuditConfig, DataOptions, ThreatModel
+    from .loading.models import ModelSpec
+
+    lines = [HEADER, "# audit.toml", "",
+             "Unknown keys and impossible values are rejected (exit code 2) with the key, the value and a hint, e.g. "
+             "`eps = 8` for inputs in [0, 1] asks \"did you mean 8/255 = 0.03137?\". Every table is checked, also "
+             "the tables of checks that do not run. A check the configuration asks for that cannot run on the inputs "
+             "given, a gate on a check that does not run, and an option that does not apply to the data (an image "
+             "corruption on tabular inputs) are refused before any work. Below: every option with its default.", "",
+             "```toml", *_table(AuditConfig, skip=("model", "data", "threat", "check_options")), "",
+             "[model]", *_table(ModelSpec), "", "[data]", *_table(DataOptions), "",
+             "[threat]                         # shared by adversarial and certified unless their tables override it; "
+             "without it, [adversarial]'s norm and eps", *_table(ThreatModel)]
+    for cid in available_checks():
+        cls = REGISTRY[cid]
+        if cls.Options.model_fields:
+            lines += ["", f"[{cid}]" + (" " * max(1, 33 - len(cid) - 2)) + f"# {cls.title}", *_table(cls.Options)]
+    lines += ["```", "",
+              "Gates are `check.metric OP number` with OP one of `>= <= > < ==`; [checks.md](checks.md) lists each "
+              "check's metrics. Changing a gate does not change the run's fingerprint, so `--resume` re-judges a "
+              "finished run without redoing it. Everything else does: the model, the data, every option, the device "
+              "and autocast setting, brittle's and torch's versions, and the content of model files named in options "
+              "(`reference_model`, `other_models`), so replacing one of those between an interrupted run and "
+              "`--resume` is refused (saying which part changed) rather than mixed in.", "",
+              "Command-line options `--bounds`, `--mean`, `--std`, `--device`, `--seed`, `--checks`, `--label-column` "
+              "override the file.", ""]
+    return "\n".join(lines)
+
+
+def checks_markdown() -> str:
+    lines = [HEADER, "# Checks", "",
+             "What each check needs, the metrics it reports (gateable: `check.metric OP number`), the `details` it "
+             "writes to report.json and the per-sample arrays it writes to `arrays/<check>.npz` (positions refer to "
+             "the data file's rows). Options: [config.md](config.md); findings: [findings.md](findings.md).", ""]
+    for cid in available_checks():
+        cls = REGISTRY[cid]
+        needs = [n.replace("_", " ") for n, v in vars(cls.needs).items() if v]
+        lines += [f"## {cid}: {cls.title}", "", f"Needs: {', '.join(needs) or 'the model and inputs only'}.", "",
+                  "| metric | meaning |", "|---|---|", *[f"| `{m}` | {doc} |" for m, doc in cls.metrics.items()], ""]
+        if cls.Details.model_fields:
+            lines += ["| details key | meaning |", "|---|---|",
+                      *[f"| `{k}` | {info.description} |" for k, info in cls.Details.model_fields.items()], ""]
+        if cls.arrays:
+            lines += ["| array | holds |", "|---|---|", *[f"| `{k}` | {doc} |" for k, doc in cls.arrays.items()], ""]
+    return "\n".join(lines)
+
+
+GENERATED = {"findings.md": findings_markdown, "config.md": config_markdown, "checks.md": checks_markdown}
 
 
 def main(argv: list[str] | None = None) -> int:

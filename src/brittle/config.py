@@ -30,8 +30,8 @@ __all__ = ["AuditConfig", "DataOptions", "ThreatModel", "DEFAULT_EPS", "load_con
 class DataOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    label_column: str | None = None
-    max_samples: int | None = Field(None, ge=1)  # evaluate a seeded random subset of this size
+    label_column: str | None = Field(None, description="the label column of CSV data")
+    max_samples: int | None = Field(None, ge=1, description="audit a seeded random subset of this size")
 
 
 DEFAULT_EPS = {"Linf": 8 / 255, "L2": 0.5}
@@ -74,9 +74,11 @@ class AuditConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = 0
-    checks: list[str] | None = None
-    gates: list[str] = Field(default_factory=list)
+    seed: int = Field(0, description="every random choice derives its own seed from this one and its purpose")
+    checks: list[str] | None = Field(None, description="check ids to run, in this order (default: every check "
+                                     "that can run on the inputs given)")
+    gates: list[str] = Field(default_factory=list, description="'check.metric OP number' (OP: >= <= > < ==); a "
+                             "failed gate makes the verdict fail and the exit code 1")
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataOptions = Field(default_factory=DataOptions)
     threat: ThreatModel | None = None

@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from ..render import bar_chart, heatmap
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, status_from_findings
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, make_details, status_from_findings
 
 
 class AccuracyOptions(CheckOptions):
-    weak_class_gap: float = 0.15  # a class this far below the overall accuracy is a finding
+    weak_class_gap: float = Field(0.15, gt=0, le=1, description="a class this far below the overall accuracy is a "
+                                  "finding")
 
 
 class Accuracy(Check):
     id = "accuracy"
     title = "Clean accuracy"
     needs = Needs(labels=True)
-    metrics = ("accuracy", "balanced_accuracy", "worst_class_accuracy", "n")
     Options = AccuracyOptions
     order = 10
+    metrics = {"accuracy": "share of the audit data classified correctly",
+               "balanced_accuracy": "mean of the per-class accuracies (classes present in the data)",
+               "worst_class_accuracy": "the lowest per-class accuracy", "n": "inputs evaluated"}
+    Details = make_details("AccuracyDetails", {
+        "class_names": (list[str], "class names, by index"),
+        "per_class_accuracy": (list[float | None], "accuracy per class (null: class absent)"),
+        "support": (list[int], "inputs per class"), "confusion_matrix": (list[list[int]], "rows true, columns predicted"),
+        "worst_class": (str, "the class with the lowest accuracy")})
+    arrays = {"pred": "predicted class per input", "correct": "prediction equals the label",
+              "confidence": "top-class softmax probability"}
     findings = {
         "accuracy.weak-class": FindingDoc(
             "medium",
@@ -62,3 +74,17 @@ class Accuracy(Check):
         arrays = {"pred": pred.numpy(), "correct": (pred == y).numpy(),
                   "confidence": probs.max(1).values.numpy().astype(np.float32)}
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
+
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d = r.details
+        if not d:
+            return ""
+        names = d.get("class_names", [])
+        out = ["<h4>Accuracy per class</h4>", bar_chart(names, {"accuracy": d.get("per_class_accuracy", [])},
+                                                        title="accuracy per class")]
+        if d.get("confusion_matrix") and len(names) <= 30:
+            out += ["<h4>Confusion matrix (rows: true class, columns: predicted)</h4>",
+                    heatmap(d["confusion_matrix"], names, title="confusion matrix")]
+        return "".join(out)

@@ -11,6 +11,8 @@ plan and seed):
 
 from __future__ import annotations
 
+from html import escape
+
 from dataclasses import replace
 from typing import Literal
 
@@ -25,10 +27,13 @@ from ..attacks.soundness import (
     ZERO_GRADIENT_SHARE, Probe, gradient_health, is_random, outputs_probabilities, robust_fraction,
 )
 from ..config import DEFAULT_EPS, ThreatModel
+from ..render import bar_chart, check_ran, figure_row, image, line_chart, perturbation_image, to_display_image
 from ..result import CheckResult, Finding
 from ..seeds import derive_seed, seeded_subset
 from ..seeds import rng as seeded_rng
-from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, status_from_findings, validate_eps
+from .base import (
+    AuditContext, Check, CheckOptions, FindingDoc, Needs, make_details, status_from_findings, validate_eps,
+)
 
 FIRST_CHECKPOINT = 0.22  # APGD's first step-size checkpoint, as a fraction of the run
 LATE_GAIN_SHARE = 0.1  # share of robust points whose loss still rose at the end that fires not-converged
@@ -50,12 +55,13 @@ class AdversarialOptions(CheckOptions):
     escalated_queries: int = Field(5000, ge=1, description="Square queries when masking is suspected or no gradients")
     eot_samples: int = Field(16, ge=1, description="gradient samples per step on a random model")
     votes: int = Field(9, ge=1, description="forwards per verification on a random model (majority decides)")
-    probe_size: int = Field(64, ge=4)
-    escalate: bool = True
-    max_passes_per_point: float | None = Field(None, gt=0)
-    max_samples: int | None = Field(1000, ge=1)
-    shard_size: int = Field(128, ge=1)
-    examples_shown: int = Field(8, ge=0, le=64)
+    probe_size: int = Field(64, ge=4, description="correctly classified points the soundness probes run on")
+    escalate: bool = Field(True, description="false: report probes, never escalate (for comparisons only)")
+    max_passes_per_point: float | None = Field(None, gt=0, description="a budget of forward + backward passes per "
+                                               "point; running out is a finding")
+    max_samples: int | None = Field(1000, ge=1, description="attack a seeded random subset of this many points")
+    shard_size: int = Field(128, ge=1, description="points per unit of resumable, distributable work")
+    examples_shown: int = Field(8, ge=0, le=64, description="most fragile examples pictured in the report")
 
     @field_validator("norm", mode="before")
     @classmethod
@@ -75,10 +81,33 @@ class Adversarial(Check):
     id = "adversarial"
     title = "Adversarial robustness"
     needs = Needs(labels=True)
-    metrics = ("robust_accuracy", "clean_accuracy", "attack_success_rate", "n", "eps", "reliable",
-               "forward_passes_per_point", "backward_passes_per_point")
     Options = AdversarialOptions
     order = 50
+    metrics = {"robust_accuracy": "share of evaluated points correct with no verified adversarial example within eps",
+               "clean_accuracy": "share of evaluated points classified correctly",
+               "attack_success_rate": "share of correct points that were broken", "n": "points evaluated",
+               "eps": "the radius", "reliable": "no soundness finding of medium or high severity stands",
+               "forward_passes_per_point": "forward passes per evaluated point, every phase included",
+               "backward_passes_per_point": "backward passes per evaluated point"}
+    Details = make_details("AdversarialDetails", {
+        "norm": (str, "Linf or L2"), "eps": (float, "the radius"), "plan": (list[str], "the attacks, in order"),
+        "reliable": (bool, "as the metric"), "soundness": (list[dict], "probes that fired: id, message, evidence, "
+                                                                       "escalation, settled"),
+        "per_class_robust_accuracy": (list[float | None], "robust accuracy per class"),
+        "broken_by": (dict[str, int], "points broken within eps, per attack"),
+        "passes_by_stage": (dict[str, list[float]], "forward and backward passes per point, per attack"),
+        "curve": (dict, "eps grid and robust accuracy on it; ensemble and minimum-norm robust accuracy at eps"),
+        "workers": (dict[str, dict], "per worker: shards, seconds, passes"),
+        "median_distance": (float | None, "median smallest verified adversarial distance of correct points"),
+        "samples_evaluated": (int, "points attacked"), "samples_total": (int, "points in the audit data")})
+    arrays = {"sample_index": "audit position of each evaluated point", "correct": "classified correctly",
+              "robust": "correct and not broken within eps", "distance": "smallest verified adversarial distance "
+              "found (inf: none)", "broken_by": "the attack that broke it within eps",
+              "example_index": "positions of the examples shown", "example_clean": "the most fragile inputs",
+              "example_adversarial": "their verified adversarial examples", "example_label": "their labels",
+              "example_adversarial_pred": "the adversarial examples' predictions"}
+    quick_options = {"max_samples": 24, "steps": 5, "first_steps": 5, "curve_steps": 5, "sweep_steps": 0, "restarts": 0,
+                     "probe_size": 8, "square_queries": 20, "escalated_queries": 40}
     findings_intro = (
         "An evaluation that a defence can fool is worse than none. The check runs soundness probes (see "
         "[adversarial.md](adversarial.md)); when one fires, the engine **escalates** rather than only warning. A "
@@ -436,6 +465,60 @@ class Adversarial(Check):
             "samples_evaluated": n, "samples_total": len(ctx.data),
         }
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
+
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d, a = r.details, r.arrays
+        out = []
+        reliable = d.get("reliable", True)
+        out.append(f'<p><b>{"Reliable" if reliable else "UNRELIABLE"}</b>: '
+                   + ("every soundness check passed or was settled by escalation." if reliable else
+                      "a soundness check fired and escalation did not settle it; treat robust accuracy as an upper bound "
+                      "that may be far too high.") + "</p>")
+        if d.get("plan"):
+            out.append("<p class=\"meta\">Ensemble: " + escape("; ".join(d["plan"])) + "</p>")
+        if d.get("soundness"):
+            rows = "".join(
+                f"<tr><td>{escape(p['id'])}</td><td>{escape(p['escalation'])}</td><td>"
+                f"{'settled' if p['settled'] else 'NOT settled'}</td></tr>" for p in d["soundness"])
+            out.append("<h4>Soundness checks that fired</h4><table><tr><th>check</th><th>escalation</th><th>outcome</th></tr>"
+                       f"{rows}</table>")
+        curve = d.get("curve") or {}
+        if curve.get("eps"):
+            out += [f"<h4>Robust accuracy as a function of eps ({escape(str(d.get('norm')))})</h4>",
+                    line_chart(curve["eps"], {"robust accuracy (upper bound)": curve["robust_accuracy"]},
+                               xlabel="eps", title="robustness curve"),
+                    f'<p class="meta">From the smallest verified adversarial perturbation per point (minimum-norm attack '
+                    f"and ensemble). At the audit's eps: ensemble {curve.get('ensemble_at_eps', 0):.3f}"
+                    + (f", minimum-norm attack alone {curve['min_norm_only_at_eps']:.3f}"
+                       if curve.get("min_norm_only_at_eps") is not None else "") + ".</p>"]
+        if d.get("passes_by_stage"):
+            rows = "".join(f"<tr><td>{escape(k)}</td><td>{v[0]:.1f}</td><td>{v[1]:.1f}</td></tr>"
+                           for k, v in d["passes_by_stage"].items())
+            out.append("<h4>Cost by attack (passes per evaluated point)</h4><table><tr><th>attack</th><th>forward</th>"
+                       f"<th>backward</th></tr>{rows}</table>")
+        if d.get("per_class_robust_accuracy"):
+            acc = audit.check("accuracy").details.get("per_class_accuracy") if check_ran(audit, "accuracy") else None
+            names = (audit.check("accuracy").details.get("class_names") if check_ran(audit, "accuracy") else None) or \
+                [str(i) for i in range(len(d["per_class_robust_accuracy"]))]
+            series = {"clean": acc} if acc else {}
+            series["robust"] = d["per_class_robust_accuracy"]
+            out += ["<h4>Robust accuracy per class</h4>", bar_chart(names, series, title="robust accuracy per class")]
+        if "example_clean" in a and len(a["example_clean"]):
+            low, high = audit.run.get("bounds", [0.0, 1.0])
+            figs = []
+            for i in range(len(a["example_clean"])):
+                clean, adv = a["example_clean"][i], a["example_adversarial"][i]
+                ci = to_display_image(clean, low, high)
+                if ci is None:
+                    break
+                dist = float(np.abs(adv - clean).max()) if d.get("norm") == "Linf" else float(np.linalg.norm(adv - clean))
+                figs.append('<div class="triple">' + image(ci, f"#{int(a['example_index'][i])} label {int(a['example_label'][i])}")
+                            + image(to_display_image(adv, low, high), f"adversarial: {int(a['example_adversarial_pred'][i])}")
+                            + image(perturbation_image(adv - clean), f"perturbation ({d.get('norm')} {dist:.3g})") + "</div>")
+            out += figure_row("Most fragile examples: clean, adversarial, perturbation (amplified)", figs)
+        return "".join(out)
 
 
 def attack_positions(model, x: torch.Tensor, y: torch.Tensor, positions: np.ndarray, plan: Plan,

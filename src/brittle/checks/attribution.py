@@ -11,10 +11,11 @@ import numpy as np
 from pydantic import Field
 
 from ..attribution import attribute_prepared
+from ..render import class_label, gallery
 from ..result import CheckResult
 from ..seeds import rng as seeded_rng
 from ..seeds import seeded_subset
-from .base import AuditContext, Check, CheckOptions, Needs, load_other_model
+from .base import AuditContext, Check, CheckOptions, Needs, load_other_model, make_details
 
 
 class AttributionOptions(CheckOptions):
@@ -24,16 +25,30 @@ class AttributionOptions(CheckOptions):
     proj_dim: int | None = Field(None, ge=16, description="None: exact gradients for Linear-only models, else 2048")
     ridge: float = Field(3.0, gt=0, description="lambda = ridge * mean eigenvalue of the weighted kernel")
     other_models: list[str] = Field(default_factory=list, description="model files for the ensemble")
-    top: int = Field(5, ge=1, le=50)
+    top: int = Field(5, ge=1, le=50, description="proponents and opponents listed per target")
 
 
 class Attribution(Check):
     id = "attribution"
     title = "Data attribution"
     needs = Needs(labels=True, train_data=True, train_labels=True, gradients=True)
-    metrics = ("targets", "error_targets")
     Options = AttributionOptions
     order = 75
+    metrics = {"targets": "audit points explained", "error_targets": "of which the model gets wrong"}
+    Details = make_details("AttributionDetails", {
+        "exact_gradients": (bool, "exact gradient kernels (Linear-only models) or projections"),
+        "dim": (int, "feature dimension"), "lambdas": (list[float], "ridge per model"),
+        "targets": (list[dict], "per target: position, label, prediction, top proponents and opponents with scores"),
+        "self_influence_top": (list[int], "training positions with the highest self-influence"),
+        "self_influence_top_scores": (list[float], "their scores"), "models": (int, "models in the ensemble"),
+        "train_examples": (int, "training examples attributed to"), "error_targets": (int, "targets the model gets wrong"),
+        "class_names": (list[str], "class names (empty when unknown)")})
+    arrays = {"scores": "(targets, training examples) TRAK scores", "target_index": "audit positions of the targets",
+              "train_index": "training positions of the columns", "self_influence": "per training example",
+              "target_image": "the first targets (images)", "proponent_image": "their top proponents",
+              "opponent_image": "their top opponents", "self_image": "the most self-influential training examples",
+              "self_label": "their labels"}
+    quick_options = {"max_targets": 4, "max_train": 200}
 
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options
@@ -70,3 +85,27 @@ class Attribution(Check):
             arrays["self_image"] = train.x[[pos[p] for p in summary["self_influence_top"][:8]]].numpy()
             arrays["self_label"] = train.y[[pos[p] for p in summary["self_influence_top"][:8]]].numpy()
         return CheckResult(self.id, "pass", {"targets": len(rows), "error_targets": n_err}, [], details, arrays)
+
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d, a = r.details, r.arrays
+        names = d.get("class_names") or []
+        label = class_label(names)
+        out = [f'<p class="meta">TRAK over {d.get("train_examples")} training examples, {d.get("models")} model(s), '
+               f'{"exact gradients" if d.get("exact_gradients") else "gradients projected to " + str(d.get("dim"))}; '
+               f'{d.get("error_targets", 0)} of the {r.metrics.get("targets", 0)} explained audit points are errors.</p>']
+        tops = d.get("targets") or []
+        if "target_image" in a:
+            for t in range(len(a["target_image"])):
+                info = tops[t]
+                out += gallery(f"Audit #{info['target']} (label {label(info['label'])}, predicted "
+                                f"{label(info['prediction'])}): itself, its top proponents, its top opponents",
+                                [a["target_image"][t], *a["proponent_image"][t], *a["opponent_image"][t]],
+                                ["audit input"] + [f"for: train #{p}" for p in info["proponents"][:3]]
+                                + [f"against: train #{p}" for p in info["opponents"][:3]], audit)
+        if "self_image" in a:
+            out += gallery("Highest self-influence: training examples the model had to memorise", a["self_image"],
+                            [f"train #{p}, labelled {label(int(lab))}" for p, lab in
+                             zip(d.get("self_influence_top", []), a["self_label"])], audit)
+        return "".join(out)

@@ -32,16 +32,19 @@ confirmation holds and `medium` (the data carries a pattern the model has not le
 
 from __future__ import annotations
 
+from html import escape
+
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
+from ..render import bar_chart, class_label, count_axis, figure_row, gallery, image, perturbation_image
 from ..result import CheckResult, Finding
 from ..seeds import derive_seed
 from ..seeds import rng as seeded_rng
-from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, robust_z, status_from_findings
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, make_details, robust_z, status_from_findings
 
 MIN_REFERENCE_PER_CLASS = 10  # held-out examples a class needs for its own persistence null
 RESIDUAL_DIMS = 1024  # residuals of larger inputs are projected to this many dimensions
@@ -67,16 +70,35 @@ class BackdoorOptions(CheckOptions):
                                 "flip held-out inputs than the control construction")
     confirm_z: float = Field(3.1, gt=0, description="... and how significantly: McNemar's z over the same inputs "
                              "(3.1: one-sided p < 0.001)")
-    examples_shown: int = Field(16, ge=0, le=64)
+    examples_shown: int = Field(16, ge=0, le=64, description="most suspicious training examples pictured")
 
 
 class Backdoor(Check):
     id = "backdoor"
     title = "Backdoors and poisoned training examples"
     needs = Needs(labels=True, train_data=True, train_labels=True)
-    metrics = ("backdoor_detected", "flagged", "flagged_share", "target_class", "trigger_success_rate")
     Options = BackdoorOptions
     order = 35
+    metrics = {"backdoor_detected": "1 when a planted trigger was found and confirmed",
+               "flagged": "training examples flagged as poisoned", "flagged_share": "their share of the training set",
+               "target_class": "the strongest suspect class (-1: none)",
+               "trigger_success_rate": "how often its reconstructed trigger flips held-out inputs of other classes"}
+    Details = make_details("BackdoorDetails", {
+        "class_names": (list[str], "class names, by index"),
+        "suspicious_per_class": (list[int], "disagreeing, persistent training examples per label"),
+        "count_z": (list[float], "robust z of those counts across classes"),
+        "shared_per_class": (list[int], "disagreeing examples per label that share a residual"),
+        "shared_count_z": (list[float], "robust z of those counts"),
+        "targets": (list[dict], "per suspect class: target, flagged, count z's, success and control rates, gain, z"),
+        "overlays": (int, "overlays per example"), "overlay": (str, "max or mean"),
+        "reference": (str, "what the held-out reference is")})
+    arrays = {"train_index": "training-file position of each training example", "score": "suspicion per example",
+              "persistence": "own-label probability under overlays", "shared_residual": "residual-sharing share",
+              "trigger_alignment": "cosine of the residual with a suspect class's trigger",
+              "flagged": "flagged as poisoned", "example_index": "positions of the examples shown",
+              "example_image": "the most suspicious examples", "example_label": "their labels",
+              "example_looks_like": "the class each looks like", "trigger": "the reconstructed trigger (optional)"}
+    quick_options = {"overlays": 4}
     findings = {
         "backdoor.found": FindingDoc(
             "high",
@@ -225,6 +247,41 @@ class Backdoor(Check):
         rate, control_rate = float(stamped.mean()), float(controlled.mean())
         return {"success_rate": rate, "control_rate": control_rate, "gain": rate - control_rate, "z": float(z),
                 "trigger": trigger.numpy()}
+
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d, a = r.details, r.arrays
+        names = d.get("class_names") or []
+        label = class_label(names)
+        out = [f'<p class="meta">Evidence per training example that looks like another class (to a nearest-neighbour '
+               f"classifier fitted on held-out inputs): its label persists under {d.get('overlays')} overlays with held-out "
+               "inputs of other classes (beyond what held-out examples of its class show), or its residual (what its "
+               "look-alikes lack) is shared with examples of its label that look like yet other classes. Counts per class "
+               "are compared across classes (median and MAD); in a suspect class, examples whose residual aligns with the "
+               "trigger's are flagged, and the class is confirmed by stamping the reconstructed trigger on held-out "
+               "inputs.</p>"]
+        if d.get("suspicious_per_class"):
+            series = {"persistent": d["suspicious_per_class"]}
+            if d.get("shared_per_class"):
+                series["shared residual"] = d["shared_per_class"]
+            out += ["<h4>Training examples per label that look like another class and persist, or share a residual</h4>",
+                    bar_chart(names, series, ymax=count_axis([c for v in series.values() for c in v]),
+                              title="suspicious examples per class")]
+        for t in d.get("targets", []):
+            out.append(f"<p>Target <b>{escape(label(t['target']))}</b>: {t['flagged']} flagged; the reconstructed trigger "
+                       f"flips {t['success_rate']:.0%} of held-out inputs (control {t['control_rate']:.0%}"
+                       + (f", McNemar z {t['z']:.1f}" if "z" in t else "") + ").</p>")
+        if "trigger" in a:
+            img = perturbation_image(a["trigger"])
+            if img is not None:
+                out += figure_row("Reconstructed trigger (mean flagged example minus mean held-out input; amplified)",
+                                   [image(img, "reconstructed trigger", scale=4)])
+        if "example_image" in a:
+            out += gallery("Most suspicious training examples", a["example_image"],
+                            [f"train #{int(i)}: labelled {label(int(lab))}, looks like {label(int(like))}" for i, lab, like
+                             in zip(a["example_index"], a["example_label"], a["example_looks_like"])], audit)
+        return "".join(out)
 
 
 def overlay_persistence(model, x_tr: torch.Tensor, y_tr: np.ndarray, x_ref: torch.Tensor, y_ref: np.ndarray,

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .._atomic import write_npz
 from .._progress import Progress
@@ -27,7 +27,7 @@ from ..loading.models import file_sha256
 from ..model import ModelAdapter
 from ..result import CheckResult, Finding
 
-__all__ = ["Check", "FindingDoc", "Needs", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "status_from_findings",
+__all__ = ["Check", "CheckDetails", "FindingDoc", "Needs", "make_details", "AuditContext", "CheckState", "CheckOptions", "REGISTRY", "status_from_findings",
            "robust_z", "missing_packages", "DATA_EXTRA", "load_other_model", "validate_eps"]
 
 REGISTRY: dict[str, type["Check"]] = {}
@@ -58,6 +58,19 @@ class CheckOptions(BaseModel):
                 if Path(path).is_file():
                     out[path] = file_sha256(Path(path))
         return out
+
+
+class CheckDetails(BaseModel):
+    """A check's `details` (report.json): every key documented and typed; a key a check writes but does not declare
+    fails the common contract test."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def make_details(name: str, fields: dict[str, tuple[Any, str]]) -> type[CheckDetails]:
+    """A CheckDetails model from {key: (type, meaning)}; every key may be absent (None) where it does not apply."""
+    return create_model(name, __base__=CheckDetails,
+                        **{k: (t | None, Field(None, description=doc)) for k, (t, doc) in fields.items()})
 
 
 @dataclass(frozen=True)
@@ -210,11 +223,14 @@ class Check(ABC):
     id: ClassVar[str]
     title: ClassVar[str]
     needs: ClassVar[Needs] = Needs()
-    metrics: ClassVar[tuple[str, ...]] = ()
+    metrics: ClassVar[dict[str, str]] = {}  # gateable scalars: name -> what it measures
     Options: ClassVar[type[CheckOptions]] = CheckOptions
+    Details: ClassVar[type[CheckDetails]] = CheckDetails  # the `details` it writes
+    arrays: ClassVar[dict[str, str]] = {}  # per-sample arrays it writes: name (<k>: a number) -> what each holds
     order: ClassVar[int] = 100  # cheap checks first; a check's result never depends on order
     findings: ClassVar[dict[str, FindingDoc]] = {}  # every finding id the check may report, explained
     findings_intro: ClassVar[str] = ""  # what the check's findings share, for the top of its docs section
+    quick_options: ClassVar[dict[str, Any]] = {}  # options for a quick run on small data (the contract test)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -231,6 +247,14 @@ class Check(ABC):
             raise TypeError(f"{cls.__name__}.needs must be a Needs(...)")
         if not (isinstance(cls.Options, type) and issubclass(cls.Options, CheckOptions)):
             raise TypeError(f"{cls.__name__}.Options must subclass CheckOptions")
+        if not isinstance(cls.metrics, dict) or not all(isinstance(v, str) and v for v in cls.metrics.values()):
+            raise TypeError(f"{cls.__name__}.metrics must map each metric name to what it measures")
+        if not (isinstance(cls.Details, type) and issubclass(cls.Details, CheckDetails)):
+            raise TypeError(f"{cls.__name__}.Details must subclass CheckDetails (see make_details)")
+        try:
+            cls.Options(**cls.quick_options)
+        except ValidationError as exc:
+            raise TypeError(f"{cls.__name__}.quick_options are not valid options: {exc}") from None
         for fid, doc in cls.findings.items():
             if not fid.startswith(f"{cid}.") or not isinstance(doc, FindingDoc):
                 raise TypeError(f"{cls.__name__}.findings must map ids '{cid}.<name>' to FindingDoc(...); got {fid!r}")
@@ -264,6 +288,12 @@ class Check(ABC):
         """Why these options do not apply to this model or data (e.g. an image corruption on tabular inputs), or
         None. The audit refuses such a configuration before any work. Override when needed."""
         return None
+
+    @staticmethod
+    def render(result: CheckResult, audit) -> str:
+        """This check's section of report.html (HTML; the metrics table and findings are drawn for every check).
+        Override to show more; build it from brittle.render."""
+        return ""
 
     @abstractmethod
     def run(self, ctx: AuditContext) -> CheckResult:

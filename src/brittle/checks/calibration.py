@@ -13,12 +13,13 @@ import numpy as np
 from pydantic import Field
 
 from ..calibration import brier, classwise_ece, ece, fit_temperature, nll, reliability, softmax
+from ..render import reliability_chart
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, status_from_findings
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, make_details, status_from_findings
 
 
 class CalibrationOptions(CheckOptions):
-    bins: int = Field(15, ge=2, le=100)
+    bins: int = Field(15, ge=2, le=100, description="confidence bins of the ECE and the reliability diagram")
     max_ece: float = Field(0.05, gt=0, le=1, description="an ECE above this is a finding")
 
 
@@ -26,9 +27,19 @@ class Calibration(Check):
     id = "calibration"
     title = "Calibration"
     needs = Needs(labels=True)
-    metrics = ("ece", "ece_equal_mass", "classwise_ece", "nll", "brier", "temperature", "ece_after_scaling")
     Options = CalibrationOptions
     order = 20
+    metrics = {"ece": "expected calibration error, equal-width bins of top-class confidence",
+               "ece_equal_mass": "the same with equal-mass bins", "classwise_ece": "ECE averaged over classes",
+               "nll": "negative log-likelihood", "brier": "Brier score", "temperature": "temperature fitted on the data",
+               "ece_after_scaling": "ECE after temperature scaling (2-fold cross-fitted)"}
+    Details = make_details("CalibrationDetails", {
+        "bins": (int, "bins of the reliability diagram"), "mean_confidence": (float, "mean top-class probability"),
+        "accuracy": (float, "accuracy on the audit data"),
+        "after_scaling": (dict[str, float], "ece, nll and brier after temperature scaling"),
+        "reliability": (dict[str, list], "per non-empty bin: confidence, accuracy, count, lower, upper"),
+        "reliability_after_scaling": (dict[str, list], "the same after temperature scaling")})
+    arrays = {"confidence": "top-class probability per input", "confidence_scaled": "the same after scaling"}
     findings = {
         "calibration.overconfident": FindingDoc(
             "medium",
@@ -73,3 +84,21 @@ class Calibration(Check):
                    "reliability_after_scaling": reliability(scaled, y, bins=o.bins)}
         arrays = {"confidence": probs.max(1).astype(np.float32), "confidence_scaled": scaled.max(1).astype(np.float32)}
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
+
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d = r.details
+        rel, after = d.get("reliability") or {}, d.get("reliability_after_scaling") or {}
+        if not rel.get("confidence"):
+            return ""
+        out = [f'<p class="meta">Mean confidence {d.get("mean_confidence", 0):.1%}, accuracy {d.get("accuracy", 0):.1%}. '
+               f"Temperature scaling (T = {r.metrics.get('temperature', 1):.2f}, 2-fold cross-fitted) gives ECE "
+               f"{r.metrics.get('ece_after_scaling', 0):.3f} (from {r.metrics.get('ece', 0):.3f}).</p>",
+               "<h4>Reliability diagram: accuracy per confidence bin (the number of inputs above each bar; pale bars "
+               "hold too few inputs to mean much), the diagonal is perfect calibration</h4>",
+               reliability_chart(rel, title="reliability diagram")]
+        if after.get("confidence"):
+            out += ["<h4>After temperature scaling</h4>",
+                    reliability_chart(after, title="reliability after temperature scaling")]
+        return "".join(out)

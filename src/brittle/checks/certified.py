@@ -9,6 +9,8 @@ certified too (Cohen et al.; an L2 radius per point, a different classifier from
 
 from __future__ import annotations
 
+from html import escape
+
 from typing import Literal
 
 import numpy as np
@@ -21,11 +23,12 @@ from ..attacks.geometry import normalise_norm
 from ..certify import alpha_crown_margins, crown_margins, ibp_margins, network_from
 from ..config import DEFAULT_EPS, ThreatModel
 from ..errors import UsageError
+from ..render import line_chart
 from ..result import CheckResult, Finding
 from ..seeds import derive_seed, seeded_subset
 from ..smoothing import SmoothingResult
 from ..smoothing import certify as smooth_certify
-from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, validate_eps
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, make_details, validate_eps
 
 METHODS = ("ibp", "crown", "alpha_crown")
 
@@ -35,15 +38,17 @@ class CertifiedOptions(CheckOptions):
     eps: float | None = Field(None, gt=0, description="default: the threat model's ([threat] eps)")
     eps_curve: list[float] | None = Field(None, description="fractions of eps for the curve (default: the threat "
                                           "model's)")
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
-    max_samples: int = Field(200, ge=1)
-    batch_size: int = Field(50, ge=1)
-    alpha_steps: int = Field(20, ge=1)
-    attack_steps: int = Field(50, ge=1)
+    methods: list[str] = Field(default_factory=lambda: list(METHODS), description="bound methods of the cascade "
+                               "(ibp, crown, alpha_crown; run cheapest first)")
+    max_samples: int = Field(200, ge=1, description="points certified (a seeded subset)")
+    batch_size: int = Field(50, ge=1, description="points per unit of resumable work")
+    alpha_steps: int = Field(20, ge=1, description="optimisation steps of alpha-CROWN")
+    attack_steps: int = Field(50, ge=1, description="APGD iterations of the cascade's attacks")
     smoothing_sigma: float | None = Field(None, gt=0, description="certify the Gaussian-smoothed model too")
-    smoothing_n0: int = Field(100, ge=1)
-    smoothing_n: int = Field(10_000, ge=10)
-    smoothing_alpha: float = Field(0.001, gt=0, lt=1)
+    smoothing_n0: int = Field(100, ge=1, description="noise samples that choose the smoothed class")
+    smoothing_n: int = Field(10_000, ge=10, description="noise samples that bound its probability")
+    smoothing_alpha: float = Field(0.001, gt=0, lt=1, description="failure probability of each smoothing "
+                                   "certificate")
     smoothing_samples: int = Field(50, ge=1, description="points certified by smoothing (it costs n forwards each)")
 
     @field_validator("norm", mode="before")
@@ -75,10 +80,22 @@ class Certified(Check):
     id = "certified"
     title = "Certified robustness"
     needs = Needs(labels=True, gradients=True)
-    metrics = ("certified_accuracy", "empirical_robust_accuracy", "unknown_share", "clean_accuracy",
-               "smoothed_certified_accuracy")
     Options = CertifiedOptions
     order = 85
+    metrics = {"certified_accuracy": "share of points proven robust at eps (a lower bound on robust accuracy)",
+               "empirical_robust_accuracy": "share not broken by the cascade's attacks (an upper bound)",
+               "unknown_share": "share neither proven nor broken", "clean_accuracy": "accuracy on the points",
+               "smoothed_certified_accuracy": "randomized smoothing: share certified at the L2 radius of eps "
+                                              "(only with smoothing_sigma)"}
+    Details = make_details("CertifiedDetails", {
+        "eps": (float, "the radius"), "norm": (str, "Linf or L2"), "points": (int, "points certified"),
+        "methods": (list[str], "bound methods, cheapest first"),
+        "curve": (dict, "eps grid; certified, empirical, unknown shares and what settled the points, per eps"),
+        "certified_by": (dict[str, int], "points settled at eps by each stage (attack: broken)"),
+        "layers": (list[str], "the network as the bound propagation read it"),
+        "smoothing": (dict | None, "randomized smoothing: sigma, n0, n, alpha, points, abstentions, radius curve")})
+    arrays = {"index": "audit position of each point", "status": "0 broken, 1 unknown, 2 certified"}
+    quick_options = {"max_samples": 6, "batch_size": 6, "alpha_steps": 3, "attack_steps": 5}
     findings = {
         "certified.mostly-unknown": FindingDoc(
             "low",
@@ -158,6 +175,30 @@ class Certified(Check):
             {"certified": 2, "broken": 0, "unknown": 1}[s] for s in status], dtype=np.int8)}
         return CheckResult(self.id, "warn" if findings else "pass", metrics, findings, details, arrays)
 
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d, m = r.details, r.metrics
+        curve = d.get("curve") or {}
+        if not curve.get("eps"):
+            return ""
+        by = d.get("certified_by") or {}
+        out = [f'<p class="meta">{d.get("points")} points, {escape(str(d.get("norm")))} eps {d.get("eps"):g}: '
+               f'certified {m.get("certified_accuracy", 0):.1%} (a lower bound on robust accuracy), empirical '
+               f'{m.get("empirical_robust_accuracy", 0):.1%} (an upper bound), unknown {m.get("unknown_share", 0):.1%}. '
+               "Cascade per point: " + ", ".join(f"{escape(k)} settled {v}" for k, v in by.items()) + ".</p>",
+               "<h4>Certified vs empirical robust accuracy across eps</h4>",
+               line_chart(curve["eps"], {"empirical (attacks)": curve["empirical"], "certified": curve["certified"]},
+                          xlabel="eps", title="certified vs empirical robust accuracy")]
+        sm = d.get("smoothing")
+        if sm:
+            out += [f"<h4>Randomized smoothing (sigma {sm['sigma']:g}, n {sm['n']}, alpha {sm['alpha']:g}): share of "
+                    f"points certified at each L2 radius</h4>",
+                    f'<p class="meta">{sm["points"]} points; {sm["abstain_share"]:.0%} abstain. The smoothed model is '
+                    "a different classifier from the audited one.</p>",
+                    line_chart(sm["radius_grid"], {"certified": sm["certified_at_radius"]}, xlabel="L2 radius",
+                               title="smoothing certified radius curve")]
+        return "".join(out)
 
 
 def cascade_positions(model, x: torch.Tensor, y: torch.Tensor, positions: np.ndarray, eps: float, options: dict,

@@ -13,6 +13,8 @@ before relying on it in production.
 
 from __future__ import annotations
 
+from html import escape
+
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +23,19 @@ from pydantic import Field, field_validator
 
 from ..corruptions import TABULAR, corrupt, corrupt_tabular, corruption_names
 from ..label_free import estimate_accuracy, fit_source, prediction_instability
+from ..render import bar_chart, gallery, line_chart
 from ..result import CheckResult, Finding
 from ..seeds import rng as seeded_rng
 from ..seeds import seeded_subset
-from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, load_other_model, status_from_findings
+from .base import (
+    AuditContext, Check, CheckOptions, FindingDoc, Needs, load_other_model, make_details, status_from_findings,
+)
 
 
 class CorruptionsOptions(CheckOptions):
     model_files = ("reference_model", "other_models")
     corruptions: list[str] | None = Field(None, description="corruption names (default: every one that applies)")
-    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5])
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], description="severities, 1 to 5")
     max_samples: int = Field(1000, ge=20, description="audit points used (a seeded subset)")
     max_relative_drop: float = Field(0.2, gt=0, le=1, description="a mean relative accuracy drop above this is a finding")
     max_type_drop: float = Field(0.5, gt=0, le=1, description="so is one corruption's relative drop above this")
@@ -50,10 +55,27 @@ class Corruptions(Check):
     id = "corruptions"
     title = "Common corruptions"
     needs = Needs(labels=True)
-    metrics = ("clean_accuracy", "mean_corruption_accuracy", "relative_drop", "worst_corruption_accuracy", "mce",
-               "estimate_mae", "estimate_max_error")
     Options = CorruptionsOptions
     order = 25
+    metrics = {"clean_accuracy": "accuracy on the evaluated audit points",
+               "mean_corruption_accuracy": "accuracy averaged over corruptions and severities",
+               "relative_drop": "(clean - mean corruption accuracy) / clean",
+               "worst_corruption_accuracy": "the corruption with the lowest mean accuracy",
+               "mce": "mean corruption error relative to reference_model (only with one)",
+               "estimate_mae": "mean absolute error of the label-free accuracy estimate over corrupted sets",
+               "estimate_max_error": "its largest error"}
+    Details = make_details("CorruptionsDetails", {
+        "severities": (list[int], "severities evaluated"), "accuracy": (dict[str, list[float]], "per corruption, per severity"),
+        "per_type": (dict[str, float], "per corruption, mean over severities"), "worst": (str, "the worst corruption"),
+        "points": (int, "audit points used"), "kind": (str, "image or tabular"),
+        "estimates": (list[dict], "per corrupted set: corruption, severity, estimate, truth, warned"),
+        "estimator_models": (int, "models the label-free estimators used"),
+        "estimator_split": (list[int], "points fitting the estimators (clean), points judging them (corrupted)"),
+        "ce": (dict[str, float] | None, "corruption error per type relative to the reference model"),
+        "reference_clean_error": (float | None, "the reference model's clean error"),
+        "reference_model": (str | None, "the reference model's file name")})
+    arrays = {"example_clean": "one audit input", "example_corrupted": "it under each corruption (severity 3)"}
+    quick_options = {"max_samples": 60, "severities": [2], "corruptions": None}
     findings = {
         "corruptions.fragile": FindingDoc(
             "medium",
@@ -171,6 +193,54 @@ class Corruptions(Check):
                  + low)[0].numpy() for n in names])
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
 
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d, a, m = r.details, r.arrays, r.metrics
+        per_type = d.get("per_type") or {}
+        if not per_type:
+            return ""
+        names = list(per_type)
+        out = [f'<p class="meta">{d.get("points")} audit points, severities {d.get("severities")}. Clean accuracy '
+               f'{m.get("clean_accuracy", 0):.1%}, mean corruption accuracy {m.get("mean_corruption_accuracy", 0):.1%} '
+               f'(relative drop {m.get("relative_drop", 0):.0%})'
+               + (f', mCE {m["mce"]:.2f} relative to {escape(str(d.get("reference_model")))}' if "mce" in m else "")
+               + ".</p>",
+               "<h4>Accuracy per corruption (mean over severities)</h4>",
+               bar_chart([_short(n) for n in names], {"accuracy": [per_type[n] for n in names]},
+                         width=max(560, 44 * len(names)), title="accuracy per corruption")]
+        sev = d.get("severities") or []
+        if len(sev) > 1:
+            worst = sorted(names, key=per_type.get)[:4]
+            out += ["<h4>Accuracy vs severity (the four worst corruptions and the mean)</h4>",
+                    line_chart(sev, {**{_short(n): d["accuracy"][n] for n in worst},
+                                     "mean": np.mean([d["accuracy"][n] for n in names], 0).tolist()},
+                               xlabel="severity", title="accuracy vs severity")]
+        est = sorted(d.get("estimates") or [], key=lambda e: e["truth"])
+        if est:
+            warned = sum(e["warned"] for e in est)
+            out += [f"<h4>Accuracy estimated without labels vs the truth, per corrupted set (sorted by true accuracy)</h4>"
+                    f'<p class="meta">Estimators fitted on {d["estimator_split"][0]} clean points, judged on the corrupted '
+                    f'other {d["estimator_split"][1]}; {d.get("estimator_models", 1)} model(s). Mean absolute error '
+                    f'{m.get("estimate_mae", 0) * 100:.1f} points, largest {m.get("estimate_max_error", 0) * 100:.1f}; '
+                    f"{warned} of {len(est)} estimates came with a warning.</p>",
+                    line_chart(list(range(1, len(est) + 1)), {"true accuracy": [e["truth"] for e in est],
+                                                              "estimate": [e["estimate"] for e in est]},
+                               xlabel="corrupted set", title="estimate vs truth")]
+        if "example_corrupted" in a:
+            out += gallery("One audit input under each corruption", [a["example_clean"][0], *a["example_corrupted"]],
+                            ["clean", *[n.replace("_", " ") for n in names]], audit)
+        return "".join(out)
+
+
+_SHORT = {"gaussian_noise": "gauss", "gaussian_blur": "g-blur", "elastic_transform": "elastic",
+          "jpeg_compression": "jpeg", "brightness": "bright", "feature_noise": "noise", "missing_values": "missing",
+          "feature_scaling": "scaling"}
+
+
+def _short(name: str) -> str:
+    """A corruption's name short enough for a chart's axis."""
+    return _SHORT.get(name, name.split("_")[0][:8])
 
 
 def corrupted_predictions(model, x: torch.Tensor, y: np.ndarray, others: list, judge_part: np.ndarray, fit, n_est: int,

@@ -12,6 +12,8 @@ probability), and self-confidence ranks.
 
 from __future__ import annotations
 
+from html import escape
+
 from typing import Literal
 
 import numpy as np
@@ -20,10 +22,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import UsageError
+from ..render import bar_chart, class_label, count_axis, gallery
 from ..result import CheckResult, Finding
 from ..seeds import derive_seed
 from .base import (
-    AuditContext, Check, CheckOptions, FindingDoc, Needs, missing_packages, status_from_findings,
+    AuditContext, Check, CheckOptions, FindingDoc, Needs, make_details, missing_packages, status_from_findings,
 )
 
 
@@ -38,7 +41,7 @@ class LabelErrorOptions(CheckOptions):
     min_label_support: float = Field(0.1, ge=0, le=1, description="also flag examples whose given label gets less "
                                      "than this out-of-sample probability")
     max_share: float = Field(0.01, ge=0, le=1, description="a flagged share above this is a finding")
-    examples_shown: int = Field(16, ge=0, le=64)
+    examples_shown: int = Field(16, ge=0, le=64, description="most suspicious labels pictured")
 
     @model_validator(mode="after")
     def _retrain_needs_a_function(self) -> "LabelErrorOptions":
@@ -56,9 +59,21 @@ class LabelErrors(Check):
     id = "label_errors"
     title = "Label errors in the training set"
     needs = Needs(labels=False, train_data=True, train_labels=True)
-    metrics = ("label_issue_share", "label_issues")
     Options = LabelErrorOptions
     order = 40
+    metrics = {"label_issue_share": "share of training labels flagged as probably wrong",
+               "label_issues": "training labels flagged"}
+    Details = make_details("LabelErrorsDetails", {
+        "estimator": (str, "knn, logistic or retrain"), "train_fn": (str | None, "the train function, when retraining"),
+        "folds": (int, "K of the K-fold"), "embedding": (str | None, "the feature space of knn/logistic"),
+        "class_names": (list[str], "class names, by index"), "flagged_per_class": (list[int], "flags per given label"),
+        "out_of_sample_accuracy": (float, "agreement of out-of-sample predictions with the given labels")})
+    arrays = {"train_index": "training-file position of each example", "flagged": "flagged as probably mislabelled",
+              "label_quality": "self-confidence of the given label", "suggested_label": "the out-of-sample prediction",
+              "example_index": "positions of the examples shown", "example_image": "the most suspicious labels",
+              "example_label": "their given labels", "example_suggested": "their suggested labels",
+              "example_quality": "their self-confidence"}
+    quick_options = {"folds": 3}
     findings = {
         "label_errors.found": FindingDoc(
             "medium",
@@ -141,6 +156,29 @@ class LabelErrors(Check):
         for (_, (_, _, held, _)), fold in zip(tasks, folds):
             probs[held, : fold["probs"].shape[1]] = fold["probs"]  # a model may know classes absent from the labels
         return probs
+
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d, a = r.details, r.arrays
+        source = (f"the model retrained {d.get('folds')} times through {escape(str(d.get('train_fn')))}, each time "
+                  "without the fold it predicts" if d.get("estimator") == "retrain" else
+                  f"{d.get('folds')}-fold {escape(str(d.get('estimator')))} on the model's {escape(str(d.get('embedding')))}")
+        out = [f'<p class="meta">Out-of-sample probabilities: {source} (out-of-sample accuracy '
+               f'{d.get("out_of_sample_accuracy", 0):.3f}); flagged by cleanlab\'s confident learning, ranked by '
+               "self-confidence.</p>"]
+        names = d.get("class_names") or []
+        if d.get("flagged_per_class"):
+            out += ["<h4>Flagged labels per given class</h4>", bar_chart(names, {"flagged": d["flagged_per_class"]},
+                                                                         ymax=count_axis(d["flagged_per_class"]),
+                                                                         title="flagged labels per class")]
+        if "example_image" in a:
+            label = class_label(names)
+            out += gallery("Most suspicious labels (self-confidence in brackets)", a["example_image"],
+                            [f"train #{int(i)}: labelled {label(int(g))}, looks like {label(int(sug))} ({float(q):.2f})"
+                             for i, g, sug, q in zip(a["example_index"], a["example_label"], a["example_suggested"],
+                                                     a["example_quality"])], audit)
+        return "".join(out)
 
 
 def retrained_fold(model, x: torch.Tensor, y: torch.Tensor, train_fn: str, fit: np.ndarray, held: np.ndarray,

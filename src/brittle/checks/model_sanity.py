@@ -7,11 +7,13 @@ and training-mode BatchNorm/Dropout change predictions with the batch.
 
 from __future__ import annotations
 
+from html import escape
+
 import torch
 
 from ..attacks.soundness import forwards_differ, rows_are_probabilities
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, FindingDoc, Needs, status_from_findings
+from .base import AuditContext, Check, FindingDoc, Needs, make_details, status_from_findings
 
 PROBE_SAMPLES = 64
 
@@ -20,8 +22,12 @@ class ModelSanity(Check):
     id = "model"
     title = "Model sanity"
     needs = Needs(labels=False)
-    metrics = ("deterministic", "outputs_probabilities")
     order = 0
+    metrics = {"deterministic": "two forwards on the same inputs agree",
+               "outputs_probabilities": "the outputs are probabilities (rows in [0, 1] summing to 1), not logits"}
+    Details = make_details("ModelDetails", {
+        "probe_samples": (int, "inputs the probes ran on"), "num_classes": (int, "the model's outputs"),
+        "input_shape": (list[int], "one input's shape"), "differentiable": (bool, "input gradients are available")})
     findings = {
         "model.outputs-probabilities": FindingDoc(
             "high",
@@ -85,3 +91,10 @@ class ModelSanity(Check):
                            details={"probe_samples": len(x), "num_classes": model.num_classes,
                                     "input_shape": list(model.input_shape or ()),
                                     "differentiable": model.differentiable})
+
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d = r.details
+        rows = "".join(f"<tr><th>{escape(k.replace('_', ' '))}</th><td>{escape(str(v))}</td></tr>" for k, v in d.items())
+        return f'<table class="kv">{rows}</table>' if rows else ""

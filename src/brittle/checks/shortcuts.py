@@ -22,13 +22,16 @@ held-out data from where the model will be used.
 
 from __future__ import annotations
 
+from html import escape
+
 import numpy as np
 import torch
 from pydantic import Field
 
+from ..render import figure_row, image, to_display_image
 from ..result import CheckResult, Finding
 from ..seeds import rng as seeded_rng
-from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, robust_z, status_from_findings
+from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, make_details, robust_z, status_from_findings
 
 SIGNIFICANT_T = 5.0  # a pixel's train/held-out difference counts only beyond this many standard errors
 BAND_CLASSES = 3  # shortcuts of this many classes in one band of rows or columns are one label-wide finding
@@ -52,9 +55,20 @@ class Shortcuts(Check):
     id = "shortcuts"
     title = "Shortcut features"
     needs = Needs(labels=True, train_data=True, train_labels=True)
-    metrics = ("shortcuts_found", "worst_accuracy_drop")
     Options = ShortcutOptions
     order = 45
+    metrics = {"shortcuts_found": "findings (a label-wide band counts once)",
+               "worst_accuracy_drop": "the largest training accuracy that depends on a shortcut"}
+    Details = make_details("ShortcutsDetails", {
+        "class_names": (list[str], "class names, by index"), "region_side": (int, "side of the occluded squares"),
+        "stride": (int, "grid step"), "regions": (list[list[int]], "every region's (row, column)"),
+        "candidates": (list[dict], "tested (class, region) pairs: z, reliance, shift, flip rate, verdict"),
+        "bands": (list[dict], "label-wide bands found: axis, start, stop, accuracies, readability")})
+    arrays = {"occlusion_drop": "(classes, regions) mean own-class probability drop when occluded",
+              "specificity_z": "(classes, regions) robust z of the class-specific drop",
+              "train_heldout_shift": "(classes, regions) largest significant standardised train/held-out difference",
+              "heatmap": "(classes, H, W) occlusion importance per pixel"}
+    quick_options = {"per_class": 8}
     findings = {
         "shortcuts.found": FindingDoc(
             "high",
@@ -167,6 +181,36 @@ class Shortcuts(Check):
         means = torch.stack([pixels_tr[torch.as_tensor(y_tr == c)].mean(0) for c in labels])
         band["readable_train"] = float((labels[torch.cdist(pixels_tr, means).argmin(1).numpy()] == y_tr).mean())
         band["readable_heldout"] = float((labels[torch.cdist(pixels_ref, means).argmin(1).numpy()] == y_ref).mean())
+
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d, a = r.details, r.arrays
+        names = d.get("class_names") or []
+        out = [f'<p class="meta">Occlusion of {d.get("region_side")}x{d.get("region_side")} regions in training images, '
+               "per class; candidates are regions far more important to one class than to the others. A candidate is a "
+               "shortcut when occluding it costs the class training accuracy (significantly) and its training pictures "
+               "differ from the class's held-out pictures (a mark that is not there at test); a stroke of the object is "
+               "relied on too, but looks the same in both.</p>"]
+        rows = "".join(
+            f"<tr><td>{escape(names[c['class']] if c['class'] < len(names) else str(c['class']))}</td>"
+            f"<td>row {c['region'][0]}, col {c['region'][1]}</td><td>{c['z']:.0f}</td>"
+            f"<td>{c['accuracy']:.0%} &rarr; {c['accuracy_occluded']:.0%} (z {c['reliance_z']:.1f})</td>"
+            f"<td>{c['shift']:.1f}</td><td>{max(c['flip_rate'], 0):.0%}</td>"
+            f"<td>{'shortcut' if c['shortcut'] else ('relied on, same at test' if c['relied_on'] else 'not relied on')}"
+            "</td></tr>" for c in d.get("candidates", []))
+        if rows:
+            out.append("<h4>Candidate regions</h4><table><tr><th>class</th><th>region</th><th>specificity z</th>"
+                       "<th>training accuracy, occluded</th><th>train vs held-out (sd)</th><th>stamped: flips others</th>"
+                       f"<th>verdict</th></tr>{rows}</table>")
+        if "heatmap" in a:
+            figs = []
+            for c in sorted({c["class"] for c in d.get("candidates", [])}):
+                img = to_display_image(a["heatmap"][c] / max(float(np.abs(a["heatmap"][c]).max()), 1e-9))
+                if img is not None:
+                    figs.append(image(img, f"class {names[c] if c < len(names) else c}: occlusion importance", scale=4))
+            out += figure_row("Occlusion heat maps (bright: occluding it costs the class most)", figs)
+        return "".join(out)
 
 
 def _band_finding(band: dict, names: list[str]) -> Finding:

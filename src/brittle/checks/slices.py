@@ -17,34 +17,49 @@ columns when known).
 
 from __future__ import annotations
 
+from html import escape
+
 import numpy as np
 import torch
 from pydantic import Field
 
 from ..calibration import fit_temperature, softmax
+from ..render import class_label, gallery
 from ..result import CheckResult, Finding
-from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, missing_packages, status_from_findings
+from .base import (
+    AuditContext, Check, CheckOptions, FindingDoc, Needs, make_details, missing_packages, status_from_findings,
+)
 
 
 class SliceOptions(CheckOptions):
     slice_share: float = Field(0.2, gt=0, lt=1, description="share of a class furthest along its failure direction")
     min_errors: int = Field(4, ge=2, description="a class needs this many errors for a failure direction")
-    folds: int = Field(3, ge=2, le=20)
+    folds: int = Field(3, ge=2, le=20, description="K of the out-of-sample failure directions")
     clusters: int | None = Field(None, ge=2, description="k-means clusters (default: 2 per class)")
     min_size: int = Field(10, ge=2, description="smallest slice reported")
     min_gap: float = Field(0.15, gt=0, le=1, description="accuracy gap below the reference that makes a slice")
     alpha: float = Field(0.05, gt=0, lt=1, description="family-wise false-alarm rate over every candidate slice "
                          "(Holm), against random subsets of the same size")
-    examples_shown: int = Field(8, ge=0, le=32)
+    examples_shown: int = Field(8, ge=0, le=32, description="inputs pictured per slice")
 
 
 class Slices(Check):
     id = "slices"
     title = "Failure slices"
     needs = Needs(labels=True)
-    metrics = ("slices_found", "worst_slice_accuracy")
     Options = SliceOptions
     order = 30
+    metrics = {"slices_found": "slices that pass the random-subset and confidence tests (Holm-corrected)",
+               "worst_slice_accuracy": "the worst slice's accuracy (the overall accuracy when there is none)"}
+    Details = make_details("SlicesDetails", {
+        "class_names": (list[str], "class names, by index"),
+        "slices": (list[dict], "per slice: name, kind, class, size, accuracy, reference, expected_accuracy, p_value, "
+                               "description (tabular)"),
+        "accuracy": (float, "overall accuracy"), "embedding": (str, "the space slices were found in"),
+        "candidates": (int, "candidate slices tested"), "alpha": (float, "family-wise level of the tests")})
+    arrays = {"slice<k>_members": "audit positions of slice k's inputs (k < 4)",
+              "slice<k>_index": "positions of the inputs shown", "slice<k>_image": "the inputs shown, errors first",
+              "slice<k>_label": "their labels", "slice<k>_pred": "their predictions"}
     findings = {
         "slices.found": FindingDoc(
             "medium",
@@ -154,6 +169,25 @@ class Slices(Check):
                         "class": int(classes.argmax()), "size": len(members), "accuracy": float(correct[members].mean()),
                         "reference": _class_mix_accuracy(members, y, correct), "members": members.tolist()})
         return out
+
+    @staticmethod
+    def render(r: CheckResult, audit) -> str:
+        """This check's section of report.html."""
+        d, a = r.details, r.arrays
+        names = d.get("class_names") or []
+        label = class_label(names)
+        out = []
+        rows = "".join(f"<tr><td>{escape(s['name'])}</td><td>{s['size']}</td><td>{s['accuracy']:.0%}</td>"
+                       f"<td>{s['reference']:.0%}</td></tr>" for s in d.get("slices", []))
+        if rows:
+            out.append("<h4>Slices (accuracy against the class, or overall for clusters)</h4><table><tr><th>slice</th>"
+                       f"<th>inputs</th><th>accuracy</th><th>reference</th></tr>{rows}</table>")
+        for k, sl in enumerate(d.get("slices", [])[:4]):
+            if f"slice{k}_image" in a:
+                out += gallery(sl["name"], a[f"slice{k}_image"],
+                                [f"#{int(i)}: {label(int(t))} -> {label(int(p))}" for i, t, p in
+                                 zip(a[f"slice{k}_index"], a[f"slice{k}_label"], a[f"slice{k}_pred"])], audit)
+        return "".join(out)
 
 
 def _class_mix_accuracy(members: np.ndarray, y: np.ndarray, correct: np.ndarray) -> float:

@@ -32,14 +32,15 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str | None = None
-    factory: str | None = None
-    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = None
-    bounds: tuple[float, float] = (0.0, 1.0)
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    batch_size: int = Field(256, ge=1)
+    path: str | None = Field(None, description="a model file: TorchScript, .pt2 or .onnx (or give --model)")
+    factory: str | None = Field(None, description="package.module:function that builds the model (with weights)")
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
+    weights: str | None = Field(None, description="the factory's state dict: .pt (weights_only) or .safetensors")
+    bounds: tuple[float, float] = Field((0.0, 1.0), description="the input domain; attacks and checks stay inside it")
+    mean: list[float] | None = Field(None, description="per-channel normalisation applied inside the adapter, so "
+                                     "data and eps stay in input space")
+    std: list[float] | None = Field(None, description="per-channel standard deviations of that normalisation")
+    batch_size: int = Field(256, ge=1, description="inputs per forward pass (halved on an out-of-memory error)")
     device: str = Field("auto", description="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     autocast: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision for forward-only bulk work "
                                                      "(corruptions, overlays, occlusion); never for verification")

@@ -9,7 +9,6 @@ from html import escape
 from .._docgen import anchor
 from ..checks import REGISTRY
 from ..result import AuditResult, CheckResult
-from .sections import render_section_body
 
 __all__ = ["render_html"]
 
@@ -119,7 +118,8 @@ def _check_section(c: CheckResult, audit: AuditResult) -> str:
         body.append(f'<table class="kv">{metrics}</table>')
     if c.status not in ("skipped", "error"):
         body.append(_findings([(c.id, f) for f in c.findings]))
-        body.append(render_section_body(c, audit))
+        check = REGISTRY.get(c.id)
+        body.append(check.render(c, audit) if check is not None else "")
     body.append(f'<p class="meta">Cost: {cost}</p></section>')
     return "".join(body)
 
