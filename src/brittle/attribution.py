@@ -112,6 +112,29 @@ class Projector:
             parts.append(torch.einsum("bkl,bjl->bkj", left, right).reshape(len(a), -1))
         return torch.cat(parts, 1)
 
+    def project_layers(self, layers: list[nn.Module], inputs: list[torch.Tensor], grads: list[torch.Tensor]
+                       ) -> torch.Tensor:
+        """The same projection from each layer's input and output gradient, never unfolding what is projected:
+        for a Conv2d, P_in^T applied to the unfolded input is a convolution of the input with P_in as its kernel
+        (and P_in's bias row as its bias), so the patches are never materialised."""
+        parts = []
+        for gr, layer, inp, d in zip(self.groups, layers, inputs, grads):
+            d = _positions(layer, d)
+            left = torch.einsum("ok,bol->bkl", gr.p_out, d) if gr.p_out is not None else d
+            if gr.p_in is None:
+                right = _unfolded(layer, inp)
+            elif isinstance(layer, nn.Conv2d):
+                kernel = gr.p_in[: gr.inp - (1 if gr.bias else 0)].T.reshape(gr.k_in, *layer.weight.shape[1:])
+                bias = gr.p_in[-1] if gr.bias else None
+                right = nn.functional.conv2d(inp, kernel, bias, layer.stride, layer.padding, layer.dilation,
+                                             layer.groups).flatten(2)
+            else:
+                a = inp.reshape(len(inp), -1, layer.in_features)
+                right = a @ gr.p_in[: layer.in_features] + (gr.p_in[-1] if gr.bias else 0)
+                right = right.transpose(1, 2)
+            parts.append(torch.bmm(left, right.transpose(1, 2)).reshape(len(inp), -1))
+        return torch.cat(parts, 1)
+
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-example gradients {name: (B, *shape)} -> (B, dim)."""
         parts = []
@@ -200,6 +223,13 @@ def _layer_factors(module: nn.Module, layers: list[nn.Module], x: torch.Tensor, 
     inputs at each of its L positions (a Conv2d's unfolded patches; one position for a Linear on (N, D)) with a 1
     for the bias, d (B, out, L) the margin's gradient at the outputs, so that the weight gradient is
     sum_l d_l a_l^T. One batched backward: each example's margin depends on its own input only (eval mode)."""
+    raw, grads, probs = _layer_inputs_and_grads(module, layers, x, y)
+    return [f for layer, inp, d in zip(layers, raw, grads) for f in (_unfolded(layer, inp), _positions(layer, d))], probs
+
+
+def _layer_inputs_and_grads(module: nn.Module, layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor):
+    """Each layer's input and the margin's gradient at its output, from one batched forward and backward; and
+    each example's probability of its label."""
     inputs, outputs = {}, {}
 
     def hook(layer, args, out):
@@ -216,21 +246,27 @@ def _layer_factors(module: nn.Module, layers: list[nn.Module], x: torch.Tensor, 
     finally:
         for h in handles:
             h.remove()
-    factors = []
-    b = len(x)
-    for layer, d in zip(layers, grads):
-        inp = inputs[layer]
-        if isinstance(layer, nn.Conv2d):
-            a = nn.functional.unfold(inp, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-            d = d.reshape(b, layer.out_channels, -1)
-        else:
-            a = inp.reshape(b, -1, layer.in_features).transpose(1, 2)
-            d = d.reshape(b, -1, layer.out_features).transpose(1, 2)
-        if layer.bias is not None:
-            a = torch.cat([a, torch.ones(b, 1, a.shape[2])], 1)
-        factors += [a, d.detach()]
     probs = torch.softmax(logits.detach(), 1).gather(1, y[:, None])[:, 0]
-    return factors, probs
+    return [inputs[layer] for layer in layers], [g.detach() for g in grads], probs
+
+
+def _unfolded(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    """A layer's input at each of its positions, (B, in + 1, L), a 1 appended for the bias."""
+    b = len(inp)
+    if isinstance(layer, nn.Conv2d):
+        a = nn.functional.unfold(inp, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    else:
+        a = inp.reshape(b, -1, layer.in_features).transpose(1, 2)
+    if layer.bias is not None:
+        a = torch.cat([a, torch.ones(b, 1, a.shape[2])], 1)
+    return a
+
+
+def _positions(layer: nn.Module, d: torch.Tensor) -> torch.Tensor:
+    """The margin's gradient at a layer's outputs, (B, out, L)."""
+    if isinstance(layer, nn.Conv2d):
+        return d.reshape(len(d), layer.out_channels, -1)
+    return d.reshape(len(d), -1, layer.out_features).transpose(1, 2)
 
 
 @dataclass
@@ -306,8 +342,8 @@ class Featurizer:
                 raise UsageError("Exact attribution needs Linear layers on (N, D) inputs; give proj_dim to project.")
             parts = [f[:, :, 0] for f in factors]
         elif self.factorable is not None:
-            factors, probs = _layer_factors(self.module, self.factorable, xb, yb)
-            parts = [self.projector.project_factors(factors)]
+            inputs, grads, probs = _layer_inputs_and_grads(self.module, self.factorable, xb, yb)
+            parts = [self.projector.project_layers(self.factorable, inputs, grads)]
         else:
             grads, probs = _per_example_grads(self.module, self.names, xb, yb)
             parts = [self.projector(grads)]
@@ -389,12 +425,15 @@ def featurize_rows(model, x: torch.Tensor, y: torch.Tensor, positions: np.ndarra
 
 
 class Trak:
-    """TRAK scores from the training features of one or more models, solved in the n x n (dual) form.
+    """TRAK scores from the training features of one or more models.
 
     score(target, i) = phi_t (Phi^T W Phi + lambda I)^-1 phi_i * mean(1 - p_i), with W = diag(p_i (1 - p_i)) the
-    Gauss-Newton weights of the logistic margin, computed with the kernel K = Phi Phi^T as
-    (k_t - (k_t w) (w K w + lambda I)^-1 (w K)) / lambda (push-through identity; w = sqrt(W)). `ridge` sets
-    lambda = ridge * trace(w K w) / n, never 0."""
+    Gauss-Newton weights of the logistic margin; `ridge` sets lambda = ridge * trace(W Phi Phi^T) / n, never 0.
+    Solved in whichever form is smaller: the d x d (primal) form when the features are projected to fewer
+    dimensions than there are examples, as (L^-1 phi_t) . (L^-1 phi_i) with L the Cholesky factor of
+    Phi^T W Phi + lambda I; otherwise the n x n (dual) form with the kernel K = Phi Phi^T, as
+    (k_t - (k_t w) (w K w + lambda I)^-1 (w K)) / lambda (push-through identity; w = sqrt(W)), which is also the
+    only form exact Linear-layer kernels have. Both are the same scores; float64 throughout."""
 
     def __init__(self, train: list[Features], *, ridge: float = 3.0):
         if ridge <= 0:
@@ -403,27 +442,41 @@ class Trak:
         self.weight = np.mean([f.weights for f in train], 0).astype(np.float64)
         self.lambdas, self._state = [], []
         for f in train:
-            k = f.kernel()
-            q = f.weights.astype(np.float64)
-            w = np.sqrt(np.clip(q * (1 - q), 0, None))
-            m = w[:, None] * k * w[None]
-            lam = max(ridge * float(np.trace(m)) / len(m), 1e-12)
-            chol = np.linalg.cholesky(m + lam * np.eye(len(m)))
+            q = torch.as_tensor(f.weights, dtype=torch.float64)
+            w = (q * (1 - q)).clamp_min(0).sqrt()
+            n = len(q)
+            if not f.exact and f.dim < n:
+                phi = torch.as_tensor(f.blocks[0], dtype=torch.float64)
+                lam = max(ridge * float(((w[:, None] * phi) ** 2).sum()) / n, 1e-12)
+                a = (phi * (w * w)[:, None]).T @ phi + lam * torch.eye(f.dim, dtype=torch.float64)
+                chol = torch.linalg.cholesky(a)
+                z = torch.linalg.solve_triangular(chol, phi.T, upper=False)  # (d, n) = L^-1 Phi^T
+                self._state.append(("primal", chol, z))
+            else:
+                k = torch.as_tensor(f.kernel(), dtype=torch.float64)
+                m = w[:, None] * k * w[None]
+                lam = max(ridge * float(torch.trace(m)) / n, 1e-12)
+                chol = torch.linalg.cholesky(m + lam * torch.eye(n, dtype=torch.float64))
+                self._state.append(("dual", k, w, chol))
             self.lambdas.append(lam)
-            self._state.append((k, w, chol))
 
-    def _raw(self, m: int, cross: np.ndarray) -> np.ndarray:
-        """cross (t, n) gradient inner products with the training set -> unweighted scores (t, n)."""
-        k, w, chol = self._state[m]
-        z = np.linalg.solve(chol, (cross * w[None]).T)
-        z = np.linalg.solve(chol.T, z)  # (n, t) = (wKw + lambda I)^-1 (w k_t)
-        return (cross - (z.T * w[None]) @ k) / self.lambdas[m]
+    def _raw(self, m: int, f: Features, t: Features) -> np.ndarray:
+        """Unweighted scores (targets, n) of model m for target features t."""
+        state = self._state[m]
+        if state[0] == "primal":
+            _, chol, z = state
+            zt = torch.linalg.solve_triangular(chol, torch.as_tensor(t.blocks[0], dtype=torch.float64).T, upper=False)
+            return (zt.T @ z).numpy()
+        _, k, w, chol = state
+        cross = torch.as_tensor(f.kernel(t), dtype=torch.float64)
+        z = torch.cholesky_solve((cross * w[None]).T, chol)  # (n, t) = (wKw + lambda I)^-1 (w k_t)
+        return ((cross - (z.T * w[None]) @ k) / self.lambdas[m]).numpy()
 
     def scores(self, targets: list[Features], *, weighted: bool = True) -> np.ndarray:
         """(t, n): how much each training example supports each target's margin (positive: proponent)."""
         if len(targets) != len(self.train):
             raise UsageError(f"Give target features from each of the {len(self.train)} models; got {len(targets)}.")
-        out = sum(self._raw(m, f.kernel(t)) for m, (f, t) in enumerate(zip(self.train, targets))) / len(targets)
+        out = sum(self._raw(m, f, t) for m, (f, t) in enumerate(zip(self.train, targets))) / len(targets)
         return out * self.weight[None] if weighted else out
 
     def train_on_train(self, *, weighted: bool = False) -> np.ndarray:
@@ -433,11 +486,15 @@ class Trak:
 
     def self_influence(self, *, weighted: bool = True) -> np.ndarray:
         """Each training example's score on itself: high for examples the model had to memorise."""
-        total = np.zeros(len(self.weight))
-        for m, (k, w, chol) in enumerate(self._state):
-            z = np.linalg.solve(chol, w[:, None] * k)  # L^-1 (w K)
-            total += (np.diag(k) - (z * z).sum(0)) / self.lambdas[m]
-        out = total / len(self._state)
+        total = torch.zeros(len(self.weight), dtype=torch.float64)
+        for m, state in enumerate(self._state):
+            if state[0] == "primal":
+                total += (state[2] ** 2).sum(0)
+            else:
+                _, k, w, chol = state
+                z = torch.linalg.solve_triangular(chol, w[:, None] * k, upper=False)  # L^-1 (w K)
+                total += (torch.diagonal(k) - (z * z).sum(0)) / self.lambdas[m]
+        out = (total / len(self._state)).numpy()
         return out * self.weight if weighted else out
 
 
