@@ -3,6 +3,7 @@ import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
+import torch
 import pytest
 
 import brittle
@@ -130,3 +131,20 @@ def test_black_box_model_falls_back_to_square_and_says_so(tiny_model, blobs):
 def test_unlabelled_data_runs_what_it_can(tiny_model, blobs):
     r = audit(tiny_model, (blobs[0], None))
     assert r["model"].status == "pass" and r["accuracy"].status == "skipped"
+
+
+def test_labels_in_another_order_than_the_models_are_called_out(tiny_model, blobs, tmp_path):
+    """String labels are numbered in sorted order; a model trained with another order scores below chance, and the
+    audit says why instead of reporting meaningless numbers silently."""
+    x, y = blobs
+    names = np.array(["zebra", "ant", "moth"])  # the model's class 0 is 'zebra', but sorted order makes it 2
+    path = tmp_path / "data.csv"
+    rows = ["f" + ",f".join(str(i) for i in range(64)) + ",label"]
+    rows += [",".join(f"{v:.4f}" for v in xi.ravel()) + f",{names[yi]}" for xi, yi in zip(x, y)]
+    path.write_text("\n".join(rows) + "\n")
+    model = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 8, 8)), tiny_model)
+    r = audit(model, str(path), checks=["accuracy"], config={"data": {"label_column": "label"}})["accuracy"]
+    finding = next(f for f in r.findings if f.id == "accuracy.below-chance")
+    assert finding.severity == "high" and "ant = 0, moth = 1, zebra = 2" in finding.message
+    clean = audit(tiny_model, blobs, checks=["accuracy"])["accuracy"]
+    assert not any(f.id == "accuracy.below-chance" for f in clean.findings)

@@ -33,6 +33,12 @@ class Accuracy(Check):
     arrays = {"pred": "predicted class per input", "correct": "prediction equals the label",
               "confidence": "top-class softmax probability"}
     findings = {
+        "accuracy.below-chance": FindingDoc(
+            "high",
+            "Accuracy is far below what guessing gives (more than 5 standard errors under 1/classes): the labels "
+            "almost certainly do not match the model's outputs, e.g. a CSV's string labels, which brittle numbers "
+            "in sorted order, against a model trained with another order. Every other number of the audit is then "
+            "meaningless. Evidence: the accuracy, chance, the z score; the message lists the label mapping."),
         "accuracy.weak-class": FindingDoc(
             "medium",
             "A class is more than `weak_class_gap` (default 0.15) below the overall accuracy. Evidence: the "
@@ -56,6 +62,17 @@ class Accuracy(Check):
         findings = []
         names = ctx.data.class_names or [str(i) for i in range(c)]
         gap = self.options.weak_class_gap
+        chance = 1.0 / max(int(present.sum()), 1)
+        below = (chance - accuracy) / max((chance * (1 - chance) / len(y)) ** 0.5, 1e-12)
+        if below > 5:
+            mapping = (" The labels are class names numbered in sorted order (" + ", ".join(
+                f"{n} = {i}" for i, n in enumerate(names[:6])) + "); if the model was trained with another order, "
+                "relabel the data (or give integer labels)." if ctx.data.class_names else "")
+            findings.append(Finding(
+                "accuracy.below-chance", "high",
+                f"Accuracy {accuracy:.1%} is far below chance ({chance:.0%} for {int(present.sum())} classes): the "
+                f"labels probably do not match the model's output order.{mapping}",
+                {"accuracy": accuracy, "chance": chance, "z": float(below)}))
         weak = [i for i in range(c) if present[i] and per_class[i] < accuracy - gap]
         if weak:
             findings.append(Finding(

@@ -7,6 +7,8 @@ examples the model had to memorise: mislabelled, ambiguous or poisoned ones gath
 
 from __future__ import annotations
 
+from html import escape
+
 import numpy as np
 from pydantic import Field
 
@@ -108,4 +110,12 @@ class Attribution(Check):
             out += gallery("Highest self-influence: training examples the model had to memorise", a["self_image"],
                             [f"train #{p}, labelled {label(int(lab))}" for p, lab in
                              zip(d.get("self_influence_top", []), a["self_label"])], audit)
+        elif tops:  # not images: the training rows, by their position in the training file
+            rows = "".join(f"<tr><td>{t['target']}</td><td>{escape(label(t['label']))}</td>"
+                           f"<td>{escape(label(t['prediction']))}</td><td>{', '.join(map(str, t['proponents'][:5]))}</td>"
+                           f"<td>{', '.join(map(str, t['opponents'][:5]))}</td></tr>" for t in tops[:10])
+            out.append("<h4>Training rows that drive each prediction (positions in the training file)</h4><table><tr>"
+                       "<th>audit row</th><th>label</th><th>predicted</th><th>top proponents</th><th>top opponents</th>"
+                       f"</tr>{rows}</table><p class=\"meta\">Highest self-influence (rows the model had to memorise): "
+                       + ", ".join(map(str, d.get("self_influence_top", [])[:12])) + "</p>")
         return "".join(out)

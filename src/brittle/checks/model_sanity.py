@@ -96,5 +96,7 @@ class ModelSanity(Check):
     def render(r: CheckResult, audit) -> str:
         """This check's section of report.html."""
         d = r.details
-        rows = "".join(f"<tr><th>{escape(k.replace('_', ' '))}</th><td>{escape(str(v))}</td></tr>" for k, v in d.items())
+        shown = {k: ("yes" if v else "no") if isinstance(v, bool) else v for k, v in d.items()}
+        rows = "".join(f"<tr><th>{escape(k.replace('_', ' '))}</th><td>{escape(str(v))}</td></tr>"
+                       for k, v in shown.items())
         return f'<table class="kv">{rows}</table>' if rows else ""

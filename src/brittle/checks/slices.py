@@ -140,8 +140,8 @@ class Slices(Check):
         for c in np.unique(y):
             idx = np.flatnonzero(y == c)
             wrong = int((~correct[idx]).sum())
-            if wrong < max(o.min_errors, o.folds) or wrong == len(idx):
-                continue
+            if wrong < max(o.min_errors, o.folds) or len(idx) - wrong < o.folds:
+                continue  # every fold needs both outcomes to fit a direction
             scores = np.zeros(len(idx))
             target = (~correct[idx]).astype(int)
             for fit, held in StratifiedKFold(o.folds, shuffle=True, random_state=seed % 2**32).split(idx, target):

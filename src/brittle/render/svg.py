@@ -37,7 +37,8 @@ def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float | None]], 
                          f'{float(v):.3f}</title></rect>')
     for i, lab in enumerate(labels):
         x = left + (i + 0.5) * group
-        parts.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle" font-size="10">{escape(str(lab))[:8]}</text>')
+        parts.append(f'<text x="{x:.1f}" y="{height - 8}" text-anchor="middle" font-size="10">'
+                     f'{escape(_fit(str(lab), group))}</text>')
     for si, name in enumerate(series):
         parts.append(f'<rect x="{left + si * 110}" y="2" width="10" height="10" fill="{PALETTE[si % len(PALETTE)]}"/>'
                      f'<text x="{left + si * 110 + 14}" y="11" font-size="10">{escape(str(name))}</text>')
@@ -45,29 +46,42 @@ def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float | None]], 
     return "".join(parts)
 
 
-def heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], *, cell: int = 26, title: str = "") -> str:
+CHAR = 6.2  # width of a character at font-size 10, in SVG units
+
+
+def _fit(text: str, width: float) -> str:
+    """text shortened (with an ellipsis) to fit `width`."""
+    room = max(int(width / CHAR), 2)
+    return text if len(text) <= room else text[: room - 1] + "\u2026"
+
+
+def heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], *, title: str = "") -> str:
+    """A confusion matrix: cells sized to the number of classes, row labels as long as they need to be (up to 18
+    characters), column labels shortened to their cell."""
     n = len(matrix)
+    cell = max(26, min(64, 480 // max(n, 1)))
     size = cell * n
-    pad = 28
+    left = int(min(max((len(str(lab)) for lab in labels), default=1), 18) * CHAR) + 10
+    top = 20
     peak = max((max(row) for row in matrix), default=1) or 1
-    parts = [f'<svg class="chart" viewBox="0 0 {size + pad + 4} {size + pad + 4}" width="{size + pad + 4}" '
-             f'height="{size + pad + 4}" role="img" aria-label="{escape(title)}">']
+    parts = [f'<svg class="chart" viewBox="0 0 {size + left + 4} {size + top + 4}" width="{size + left + 4}" '
+             f'height="{size + top + 4}" role="img" aria-label="{escape(title)}">']
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             shade = 1 - (v / peak) ** 0.5
             r, g, b = int(59 + shade * 196), int(110 + shade * 145), int(168 + shade * 87)
-            parts.append(f'<rect x="{pad + j * cell}" y="{pad + i * cell}" width="{cell}" height="{cell}" '
+            parts.append(f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
                          f'fill="rgb({r},{g},{b})"><title>true {escape(str(labels[i]))}, predicted '
                          f'{escape(str(labels[j]))}: {v}</title></rect>')
             if v:
                 colour = "#fff" if shade < 0.5 else "#222"
-                parts.append(f'<text x="{pad + j * cell + cell / 2}" y="{pad + i * cell + cell / 2 + 3}" '
-                             f'text-anchor="middle" font-size="9" fill="{colour}">{v}</text>')
+                parts.append(f'<text x="{left + j * cell + cell / 2}" y="{top + i * cell + cell / 2 + 4}" '
+                             f'text-anchor="middle" font-size="{10 if cell > 30 else 9}" fill="{colour}">{v}</text>')
     for i, lab in enumerate(labels):
-        parts.append(f'<text x="{pad - 4}" y="{pad + i * cell + cell / 2 + 3}" text-anchor="end" font-size="10">'
-                     f'{escape(str(lab))[:4]}</text>'
-                     f'<text x="{pad + i * cell + cell / 2}" y="{pad - 6}" text-anchor="middle" font-size="10">'
-                     f'{escape(str(lab))[:4]}</text>')
+        parts.append(f'<text x="{left - 4}" y="{top + i * cell + cell / 2 + 3}" text-anchor="end" font-size="10">'
+                     f'{escape(_fit(str(lab), left - 8))}</text>'
+                     f'<text x="{left + i * cell + cell / 2}" y="{top - 6}" text-anchor="middle" font-size="10">'
+                     f'{escape(_fit(str(lab), cell))}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
