@@ -112,7 +112,7 @@ def fit(build: Callable[[], nn.Module], name: str, *, kind: str = "standard", ep
     if kind == "ibp":
         from brittle.certify import ibp_margins, network_from_module
 
-        ibp = (ibp_margins, network_from_module(model))
+        ibp = (ibp_margins, network_from_module(model, example=x[:2]))
     t0 = time.time()
     for epoch in range(epochs):
         ramp = min(1.0, (epoch + 1) / max(1, epochs // 3))  # eps ramps up over the first third

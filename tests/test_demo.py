@@ -26,7 +26,15 @@ def test_demo_runs_a_real_audit(tmp_path):
     poisoned = np.load(tmp_path / "demo" / "inputs" / "train.npz")["poisoned"]
     flagged = np.load(tmp_path / "demo" / "report" / "arrays" / "backdoor.npz")["flagged"]
     assert poisoned[flagged].mean() >= 0.9 and poisoned[flagged].sum() >= 0.9 * poisoned.sum()
+    # Certification runs on the demo's MaxPool CNN: proofs at small eps, none at the threat's eps, where the
+    # attacks break most points; the lower bound never exceeds the upper one.
+    cert = checks["certified"]
+    assert cert["status"] != "skipped", cert
+    curve = cert["details"]["curve"]
+    assert curve["certified"][0] >= 0.8 and cert["metrics"]["certified_accuracy"] <= 0.1
+    assert all(c <= e for c, e in zip(curve["certified"], curve["empirical"]))
     html = (tmp_path / "demo" / "report" / "report.html").read_text()
+    assert "adversarial check (its points)" in html and "<th>unknown</th>" in html
     assert len(html) > 10_000
     check_report_html(html)
     assert oct((tmp_path / "demo" / "report" / "report.html").stat().st_mode & 0o777) == oct(0o666 & ~_umask())

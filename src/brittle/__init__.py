@@ -17,9 +17,10 @@ from .drift import monitor
 from .label_free import estimate as estimate_accuracy
 from .attribution import attribute
 from .training import TrainConfig, train
+from .compare import compare as compare_audits
 
 __all__ = [
-    "AuditConfig", "AuditResult", "BrittleError", "CheckResult", "Dataset", "Finding", "InputError", "ModelAdapter",
+    "AuditConfig", "AuditResult", "BrittleError", "CheckResult", "compare_audits", "Dataset", "Finding", "InputError", "ModelAdapter",
     "ModelSpec", "SCHEMA_VERSION", "TrainConfig", "UsageError", "__version__", "attribute", "audit", "calibrate",
     "estimate_accuracy", "load_config", "load_data", "load_model", "monitor", "train",
 ]

@@ -101,6 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _common(r)
 
+    cp = sub.add_parser("compare", help="what changed between two audits (exit 1: a regression gate failed)")
+    cp.add_argument("baseline", help="the baseline audit: its --out folder or report.json")
+    cp.add_argument("candidate", help="the candidate audit: its --out folder or report.json")
+    cp.add_argument("--gate", action="append", default=[], help="a regression gate, e.g. "
+                    "'adversarial.robust_accuracy >= baseline - 0.01' (repeatable; added to the candidate's "
+                    "compare_gates and those of --config)")
+    cp.add_argument("--config", help="a TOML file whose compare_gates are applied too (e.g. the audit.toml)")
+    cp.add_argument("--out", help="write compare.json and compare.html to this folder")
+    cp.add_argument("--json", action="store_true", help="print the JSON result instead of the summary")
+    _common(cp)
+
     m = sub.add_parser("monitor", help="two-sample drift tests of a new batch against reference data (exit 1: drift)")
     _model_args(m)
     m.add_argument("--reference", required=True, help="data the model was validated on (labels not needed)")
@@ -217,6 +228,21 @@ def _cmd_calibrate(args, progress: Progress) -> int:
               f"{fit.ece_after:.4f}, NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}\nwrote {fit.path} (audit it on "
               "other data than it was fitted on)")
     return EXIT_PASS
+
+
+def _cmd_compare(args, progress: Progress) -> int:
+    from .compare import compare, gates_of
+    from .config import load_config
+
+    gates = gates_of(args.candidate) + (load_config(args.config).compare_gates if args.config else []) + args.gate
+    result = compare(args.baseline, args.candidate, gates=list(dict.fromkeys(gates)))
+    if args.out:
+        result.save(args.out)
+    if not args.quiet:
+        print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
+        if args.out:
+            print(f"compare: {Path(args.out) / 'compare.html'} (json: {Path(args.out) / 'compare.json'})")
+    return result.exit_code
 
 
 def _cmd_monitor(args, progress: Progress) -> int:
@@ -351,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     handlers = {"audit": _cmd_audit, "report": _cmd_report, "demo": _cmd_demo, "checks": _cmd_checks,
-                "calibrate": _cmd_calibrate, "monitor": _cmd_monitor,
+                "calibrate": _cmd_calibrate, "monitor": _cmd_monitor, "compare": _cmd_compare,
                 "estimate": _cmd_estimate, "attribute": _cmd_attribute,
                 "train": _cmd_train}
     try:

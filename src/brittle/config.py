@@ -79,6 +79,9 @@ class AuditConfig(BaseModel):
                                      "that can run on the inputs given)")
     gates: list[str] = Field(default_factory=list, description="'check.metric OP number' (OP: >= <= > < ==); a "
                              "failed gate makes the verdict fail and the exit code 1")
+    compare_gates: list[str] = Field(default_factory=list, description="regression gates `brittle compare` applies "
+                                     "with this audit as the candidate, e.g. 'adversarial.robust_accuracy >= "
+                                     "baseline - 0.01'")
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataOptions = Field(default_factory=DataOptions)
     threat: ThreatModel | None = None
@@ -107,6 +110,13 @@ class AuditConfig(BaseModel):
             cfg = cls(**raw, check_options=check_options)
         except ValidationError as exc:
             raise UsageError(f"{source}: " + explain(exc, "", cls)) from None
+        from .regression_gates import parse_regression_gate
+
+        for gate in cfg.compare_gates:  # a typo is caught now, not when the comparison runs
+            try:
+                parse_regression_gate(gate)
+            except UsageError as exc:
+                raise UsageError(f"{source}: compare_gates: {exc}") from None
         return cfg
 
 

@@ -100,6 +100,7 @@ def audit(
         "autocast": adapter.autocast, "notes": list(dict.fromkeys(adapter.notes)),
         "threat": plan.threat.model_dump(mode="json") | {"eps": plan.threat.radius},
         "config": json.loads(cfg.model_dump_json()), "fingerprint": _combine(parts),
+        "fingerprints": {k: parts[k] for k in ("model", "data", "train_data")},  # what `brittle compare` lines up
         "versions": _versions(), "seed": cfg.seed, "backend": getattr(backend, "name", backend) or "local",
         "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 3),

@@ -157,7 +157,7 @@ def train(factory: str, data, *, out: str | Path, factory_kwargs: dict | None = 
             raise UsageError("IBP training does not support BatchNorm layers (their batch statistics make the "
                              "interval bounds depend on the batch); build the model without them.")
         try:
-            net = network_from_module(model)
+            net = network_from_module(model, example=ds.x[:2])
         except UsageError as exc:
             raise UsageError(f"IBP training propagates bounds through the model, and: {exc}") from None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

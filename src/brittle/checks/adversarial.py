@@ -521,6 +521,13 @@ class Adversarial(Check):
         return "".join(out)
 
 
+def ensemble_plan(norm: str, eps: float, **options) -> Plan:
+    """The attack ensemble the adversarial check runs on a model with healthy gradients (no EOT, no votes), at
+    this norm and eps: what the certified check's soundness is held against."""
+    check = Adversarial({"norm": norm, "eps": eps, **options})
+    return check._plan("ce", True, {"eot_samples": 1, "votes": 1, "straight_through": False, "log_outputs": False})
+
+
 def attack_positions(model, x: torch.Tensor, y: torch.Tensor, positions: np.ndarray, plan: Plan,
                      seed: int) -> dict[str, np.ndarray]:
     """One shard: the plan on the rows `positions` of (x, y), with those positions in the result (a shard task)."""
