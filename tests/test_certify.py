@@ -373,3 +373,30 @@ def test_a_neurons_row_of_weights_equals_the_transposed_one_hot(layer, shape):
     (dense,) = node.transpose(one_hot, [shape])
     assert torch.allclose(rows, dense[:, 0], atol=1e-6)
     assert torch.allclose(bias, node.offset(one_hot, [shape])[:, 0], atol=1e-6)
+
+
+def test_the_cascade_proves_what_its_methods_prove_reusing_crowns_state():
+    """The cascade's alpha stages start from CROWN's state on the points left (a row subset): they must prove
+    exactly the points the methods prove when each runs from scratch, and the full stage only adds proofs."""
+    from brittle.checks.certified import CertifiedOptions, cascade_positions
+
+    module = _random_nets()[0]  # the MLP: at this eps the full stage proves 3 points the final slopes do not
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(24, 1, 6, 6, generator=g)
+    y = module(x).argmax(1)
+    adapter = _adapter(module, x)
+    net = network_from(adapter)
+    eps = 0.16
+    statuses = {}
+    for full in (False, True):
+        options = CertifiedOptions(norm="Linf", eps=eps, alpha_steps=10, alpha_intermediate=full).model_dump()
+        out = cascade_positions(adapter, x, y, np.arange(24), eps, options, seed=0)
+        statuses[full] = out["status"]
+    proven = torch.zeros(24, dtype=torch.bool)
+    for full in (False, True):
+        lb = alpha_crown_margins(net, x, y, eps, (0.0, 1.0), steps=10, intermediate=full)
+        proven |= (lb > 0).all(1)
+        proven |= (crown_margins(net, x, y, eps, (0.0, 1.0)) > 0).all(1) | (ibp_margins(net, x, y, eps, (0.0, 1.0)) > 0).all(1)
+        want = proven.numpy() & (statuses[full] != "broken")
+        assert ((statuses[full] == "certified") == want).all(), full
+    assert (statuses[True] == "certified").sum() > (statuses[False] == "certified").sum()  # the full stage adds

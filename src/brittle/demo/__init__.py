@@ -41,7 +41,6 @@ max_samples = 500
 # (0.01-0.05 of the threat's), where proofs are within reach of an undefended model.
 max_samples = 10
 eps_curve = [0.01, 0.02, 0.05, 1.0]
-alpha_intermediate = false
 """
 
 
