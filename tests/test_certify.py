@@ -400,3 +400,16 @@ def test_the_cascade_proves_what_its_methods_prove_reusing_crowns_state():
         want = proven.numpy() & (statuses[full] != "broken")
         assert ((statuses[full] == "certified") == want).all(), full
     assert (statuses[True] == "certified").sum() > (statuses[False] == "certified").sum()  # the full stage adds
+
+
+def test_alpha_crown_leaves_the_models_weights_untouched():
+    module = _random_nets()[1]
+    x = torch.rand(6, 1, 6, 6, generator=torch.Generator().manual_seed(4))
+    y = module(x).argmax(1)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    from brittle.certify import network_from_module
+
+    # read without an adapter, the network holds the module's own parameters (as IBP training needs)
+    alpha_crown_margins(network_from_module(module, example=x), x, y, 0.1, (0.0, 1.0), steps=3)
+    assert all(p.grad is None for p in module.parameters())  # no gradient left on the user's parameters
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

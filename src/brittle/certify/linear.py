@@ -259,9 +259,9 @@ class Problem:
             first = (node.rows_at(c, self.shapes[node.inputs[0]])
                      if node.op == "affine" and len(node.inputs) == 1 else None)
             if first is not None:  # the neuron's own row of weights, then back from its input
-                w, b = first
+                w, const = first
                 coeff, bias = self.backward(node.inputs[0], torch.stack([w, -w], 1), rows=which, alphas=alphas)
-                bias = bias + torch.stack([b, -b], 1)
+                bias = bias + torch.stack([const, -const], 1)
             else:
                 a = torch.zeros((len(r), 2, flat.shape[1]), dtype=self.x.dtype, device=self.x.device)
                 a[torch.arange(len(r)), 0, c] = 1.0
@@ -415,8 +415,9 @@ def alpha_crown_margins(net: Network, x: torch.Tensor, y: torch.Tensor, eps: flo
                 keep[p] = (torch.maximum(keep[p][0], lo.detach()), torch.minimum(keep[p][1], hi.detach()))
         current = problem.margins(y, alphas=final)
         best = torch.maximum(best, current.detach())
-        opt.zero_grad()
-        (-current.sum()).backward()
+        # gradients for the slopes only: .backward() would also accumulate into the model's own weights
+        for param, grad in zip(params, torch.autograd.grad(-current.sum(), params, allow_unused=True)):
+            param.grad = grad
         opt.step()
         schedule.step()
         with torch.no_grad():
