@@ -104,7 +104,7 @@ def smallest_margins(model, x, y, eps, norm, box, steps=100):
     return found
 
 
-def run_model(title, factory, seed, linf, l2, x, y, points, alpha_points, rows, sound):
+def run_model(title, factory, seed, linf, l2, x, y, points, alpha_points, rows, sound, methods=METHODS):
     from auto_LiRPA import BoundedModule
 
     model, _ = trained(factory, "standard", 3, lr=1e-3, seed=seed)
@@ -124,13 +124,13 @@ def run_model(title, factory, seed, linf, l2, x, y, points, alpha_points, rows, 
     print("| ball | method | points | max abs diff | mean bound brittle / auto_LiRPA | certified brittle / auto_LiRPA "
           "| CPU-s brittle / auto_LiRPA | ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    for method in METHODS:  # warm-up: first calls pay one-off costs (allocator, autograd, lazy imports)
+    for method in methods:  # warm-up: first calls pay one-off costs (allocator, autograd, lazy imports)
         ours(net, method, x[:2], y[:2], linf[0], "Linf", (0.0, 1.0))
         theirs(bounded, method, x[:2], y[:2], linf[0], "Linf", (0.0, 1.0))
     for norm, eps in [("Linf", e) for e in linf] + [("L2", l2)]:
         box = (0.0, 1.0) if norm == "Linf" else (-float("inf"), float("inf"))
         worst = smallest_margins(model, x, y, eps, norm, box)
-        for method in METHODS:
+        for method in methods:
             n = alpha_points if method.startswith("alpha") else points
             xs, ys = x[:n], y[:n]
             t0 = time.process_time()
@@ -170,6 +170,7 @@ def main():
     ap.add_argument("--half", choices=["design", "held-out", "both"], default="both")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     args = ap.parse_args()
     sys.path.insert(0, str(Path(args.lirpa_src).resolve()))
     import auto_LiRPA
@@ -184,7 +185,8 @@ def main():
     for seed in seeds:
         for title in args.models.split(","):
             factory, linf, l2 = MODELS[title]
-            run_model(title, factory, seed, linf, l2, x, y, args.points, args.alpha_points, rows, sound)
+            run_model(title, factory, seed, linf, l2, x, y, args.points, args.alpha_points, rows, sound,
+                      [m for m in METHODS if m in args.methods.split(",")])
     print("\n## Summary per half\n")
     print("| half | method | max abs diff | mean diff (brittle - auto_LiRPA) | certified brittle - auto_LiRPA (worst) "
           "| CPU brittle / auto_LiRPA (total) | worst ratio |")

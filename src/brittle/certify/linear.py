@@ -225,7 +225,8 @@ class Problem:
                     # exact intervals, or an activation's output: its input's bounds mapped through it (as
                     # auto_LiRPA's ibp_intermediate), CROWN would not be tighter
                     self.candidates[p] = torch.zeros_like(lo, dtype=torch.bool)
-                elif all(n.op in ("relu", "leaky_relu") for n in consumers):
+                elif all(n.op in ("relu", "leaky_relu") and not _feeds_relaxation(self.net, n.index)
+                         for n in consumers):
                     self.candidates[p] = (lo < 0) & (hi > 0)  # a neuron on one side of 0 is exact already
                 else:
                     self.candidates[p] = torch.ones_like(lo, dtype=torch.bool)
@@ -288,6 +289,19 @@ def _take(t: torch.Tensor, rows):
     if isinstance(rows, int):
         return t[rows: rows + 1]
     return t[rows]
+
+
+def _feeds_relaxation(net: Network, p: int) -> bool:
+    """Node p's output bounds themselves shape a later relaxation: it reaches a nonlinear node (a MaxPool's window
+    choice and its constant upper bound use every input's bounds) through reshapes only. Then a stable ReLU's bounds
+    matter too, not only whether it is stable."""
+    for node in net.nodes:
+        if p in node.inputs:
+            if node.op in NONLINEAR:
+                return True
+            if node.op == "affine" and node.params.get("kind") == "reshape" and _feeds_relaxation(net, node.index):
+                return True
+    return False
 
 
 def _follows_bounds(net: Network, p: int) -> bool:

@@ -203,7 +203,8 @@ class Certified(Check):
                f'{m.get("empirical_robust_accuracy", 0):.1%} (an upper bound), unknown {m.get("unknown_share", 0):.1%}. '
                "Cascade per point: " + ", ".join(f"{escape(k)} settled {v}" for k, v in by.items()) + ".</p>",
                "<h4>Certified vs empirical robust accuracy across eps</h4>",
-               line_chart(curve["eps"], series, xlabel="eps", title="certified vs empirical robust accuracy"),
+               line_chart(curve["eps"], series, xlabel="eps (log scale)", title="certified vs empirical robust accuracy",
+                          xlog=True),
                "<h4>Per eps: certified, unknown, broken (misclassified points count as broken)</h4>"
                "<table><tr><th>eps</th><th>certified</th><th>unknown</th><th>broken</th><th>settled by</th></tr>"
                + rows + "</table>"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from html import escape
 from typing import Sequence
 
@@ -87,14 +88,18 @@ def heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], *, title: 
 
 
 def line_chart(xs: Sequence[float], series: dict[str, Sequence[float]], *, width: int = 560, height: int = 220,
-               ymax: float = 1.0, xlabel: str = "", title: str = "") -> str:
+               ymax: float = 1.0, xlabel: str = "", title: str = "", xlog: bool = False) -> str:
+    """Lines over a shared x grid. `xlog`: a logarithmic x axis (positive xs), ticked at every x, for grids that
+    grow geometrically (eps curves)."""
     left, bottom, top = 36, 30, 18
     plot_w, plot_h = width - left - 10, height - bottom - top
-    x0, x1 = (min(xs), max(xs)) if xs else (0, 1)
+    xlog = xlog and bool(xs) and min(xs) > 0
+    scale = (lambda v: math.log10(v)) if xlog else (lambda v: v)
+    x0, x1 = (scale(min(xs)), scale(max(xs))) if xs else (0, 1)
     span = (x1 - x0) or 1
 
     def px(x: float) -> float:
-        return left + plot_w * (x - x0) / span
+        return left + plot_w * (scale(x) - x0) / span
 
     def py(y: float) -> float:
         return top + plot_h * (1 - max(0.0, min(y / ymax, 1.0)))
@@ -105,17 +110,21 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float]], *, width
         parts.append(f'<line x1="{left}" y1="{py(frac * ymax):.1f}" x2="{width - 10}" y2="{py(frac * ymax):.1f}" '
                      f'stroke="#ddd"/><text x="{left - 4}" y="{py(frac * ymax) + 4:.1f}" text-anchor="end" '
                      f'font-size="10">{frac * ymax:g}</text>')
-    for frac, align in ((0, "start"), (0.5, "middle"), (1.0, "end")):  # end ticks stay inside the drawing
-        xv = x0 + frac * span
+    ticks = ([(x, "middle") for x in xs] if xlog else
+             [(x0 + frac * span, align) for frac, align in ((0, "start"), (0.5, "middle"), (1.0, "end"))])
+    for i, (xv, align) in enumerate(ticks):
+        if xlog:  # end ticks stay inside the drawing
+            align = "start" if i == 0 else "end" if i == len(ticks) - 1 else "middle"
         parts.append(f'<text x="{px(xv):.1f}" y="{height - 14}" text-anchor="{align}" font-size="10">{xv:.3g}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 2}" text-anchor="middle" font-size="10">{escape(xlabel)}</text>')
-    step = min(130, (width - left) // max(len(series), 1))  # legend entries share the width
+    at = left  # legend entries one after another, each as wide as its label (about 5.5 px per character)
     for si, (name, ys) in enumerate(series.items()):
         pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if y is not None)
         colour = PALETTE[si % len(PALETTE)]
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>'
-                     f'<rect x="{left + si * step}" y="2" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{left + si * step + 14}" y="11" font-size="10">{escape(name)}</text>')
+                     f'<rect x="{at}" y="2" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{at + 14}" y="11" font-size="10">{escape(name)}</text>')
+        at += 24 + int(5.5 * len(name))
     parts.append("</svg>")
     return "".join(parts)
 
