@@ -433,3 +433,23 @@ def test_bounds_a_maxpool_reads_are_tightened_on_stable_neurons_too(monkeypatch)
     assert float((tight - loose).mean()) > 1e-3 and (tight > loose + 1e-3).float().mean() > 0.5
     reached = _margins_in_ball(module, x, y, 0.05, "Linf", 300, torch.Generator().manual_seed(2))
     assert (tight <= reached.min(1).values + 1e-5).all()
+
+
+def test_a_batchnormed_layers_rows_give_the_same_bounds_as_the_dense_path(monkeypatch):
+    from brittle.certify.linear import Problem
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.BatchNorm2d(6), nn.ReLU(),
+                           nn.Flatten(), nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        for bn in (module[3], module[7]):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    module.eval()
+    x = torch.rand(10, 1, 6, 6, generator=torch.Generator().manual_seed(5))
+    y = module(x).argmax(1)
+    net = network_from(_adapter(module, x))
+    fast = crown_margins(net, x, y, 0.08, (0.0, 1.0))
+    monkeypatch.setattr(Problem, "_rows_of", lambda self, p, cols: (p, None))
+    dense = crown_margins(net, x, y, 0.08, (0.0, 1.0))
+    assert torch.allclose(fast, dense, atol=1e-5)

@@ -256,12 +256,10 @@ class Problem:
             alphas = None
             if alpha_sets is not None:
                 alphas = {node: (where, slopes[s: s + chunk]) for node, (where, slopes) in alpha_sets.items()}
-            node = self.net.nodes[p]
-            first = (node.rows_at(c, self.shapes[node.inputs[0]])
-                     if node.op == "affine" and len(node.inputs) == 1 else None)
-            if first is not None:  # the neuron's own row of weights, then back from its input
+            start, first = self._rows_of(p, c)
+            if first is not None:  # the neuron's own row of weights, then back from the layer's input
                 w, const = first
-                coeff, bias = self.backward(node.inputs[0], torch.stack([w, -w], 1), rows=which, alphas=alphas)
+                coeff, bias = self.backward(start, torch.stack([w, -w], 1), rows=which, alphas=alphas)
                 bias = bias + torch.stack([const, -const], 1)
             else:
                 a = torch.zeros((len(r), 2, flat.shape[1]), dtype=self.x.dtype, device=self.x.device)
@@ -274,6 +272,25 @@ class Problem:
             lo = lo.index_put((rows, cols), v[:, 0])
             hi = hi.index_put((rows, cols), -v[:, 1])
         return lo.reshape(candidates.shape), hi.reshape(candidates.shape)
+
+    def _rows_of(self, p: int, cols: torch.Tensor):
+        """(input node, (rows, constants)) of node p's map at the flat positions `cols` when p is a Linear or a
+        convolution, optionally followed by a per-channel affine map (BatchNorm); else (p, None)."""
+        node = self.net.nodes[p]
+        if node.op != "affine" or len(node.inputs) != 1:
+            return p, None
+        if node.params.get("kind") != "channel_affine":
+            return node.inputs[0], node.rows_at(cols, self.shapes[node.inputs[0]])
+        inner = self.net.nodes[node.inputs[0]]  # p depends on inner's input through inner alone
+        if inner.op != "affine" or len(inner.inputs) != 1:
+            return p, None
+        first = inner.rows_at(cols, self.shapes[inner.inputs[0]])
+        if first is None:
+            return p, None
+        channel = torch.div(cols, math.prod(node.shape[1:]), rounding_mode="floor")
+        scale, shift = node.params["scale"][channel], node.params["shift"][channel]
+        w, const = first
+        return inner.inputs[0], (w * scale.view(-1, *[1] * (w.dim() - 1)), const * scale + shift)
 
     # ----- the margins ---------------------------------------------------------------------------------------
     def margins(self, y: torch.Tensor, alphas: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
