@@ -28,7 +28,7 @@ def conv_avgpool() -> nn.Module:
                          nn.ReLU(), nn.Flatten(), nn.Linear(32 * 6 * 6, 100), nn.ReLU(), nn.Linear(100, 10))
 
 
-class _Block(nn.Module):
+class BasicBlock(nn.Module):
     """A BasicBlock: conv-BN-ReLU-conv-BN plus the identity, then ReLU."""
 
     def __init__(self, width: int):
@@ -46,7 +46,7 @@ class ResidualBN(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 8, 4, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = _Block(8)
+        self.block = BasicBlock(8)
         self.down = nn.Sequential(nn.Conv2d(8, 16, 4, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
         self.head = nn.Linear(16 * 7 * 7, 10)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from _mnist import CACHE, Quantised, Saturated, split
+from _models import BasicBlock
 
 from brittle.demo.model import DemoCNN
 
@@ -42,25 +43,15 @@ def cnn_bn() -> nn.Module:
                          nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-class Block(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
-
-
 class ResNet(nn.Module):
     """A small residual network: stem, two BasicBlock-style blocks (one after a stride-2 convolution), pooling."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.block1 = Block(16)
+        self.block1 = BasicBlock(16)
         self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.block2 = Block(32)
+        self.block2 = BasicBlock(32)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
     def forward(self, x):

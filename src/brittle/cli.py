@@ -231,11 +231,11 @@ def _cmd_calibrate(args, progress: Progress) -> int:
 
 
 def _cmd_compare(args, progress: Progress) -> int:
-    from .compare import compare, gates_of
+    from .compare import compare
     from .config import load_config
 
-    gates = gates_of(args.candidate) + (load_config(args.config).compare_gates if args.config else []) + args.gate
-    result = compare(args.baseline, args.candidate, gates=list(dict.fromkeys(gates)))
+    gates = (load_config(args.config).compare_gates if args.config else []) + args.gate
+    result = compare(args.baseline, args.candidate, gates=gates)  # the candidate's own compare_gates too
     if args.out:
         result.save(args.out)
     if not args.quiet:

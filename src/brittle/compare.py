@@ -19,7 +19,7 @@ from .errors import UsageError
 from .regression_gates import OPS, RegressionGate, parse_regression_gate
 from .result import SEVERITIES, AuditResult
 
-__all__ = ["Comparison", "RegressionGate", "compare", "gates_of", "parse_regression_gate"]
+__all__ = ["Comparison", "RegressionGate", "compare", "parse_regression_gate"]
 
 # Per-sample results that can be lined up point by point: check -> (index array or None for the audit order,
 # the array and how to read a "good" flag from it, what losing it and gaining it mean, the data it indexes).
@@ -96,10 +96,11 @@ class Comparison:
 
 def compare(baseline: str | Path | AuditResult, candidate: str | Path | AuditResult,
             gates: list[str] | None = None) -> Comparison:
-    """Compare two audits (folders, report.json files or AuditResults). Raises UsageError when they are not
-    comparable or a gate names a metric one of them lacks."""
+    """Compare two audits (folders, report.json files or AuditResults), applying `gates` and the candidate's own
+    compare_gates. Raises UsageError when they are not comparable or a gate names a metric one of them lacks."""
     base, cand = (_load(r) for r in (baseline, candidate))
-    parsed = [parse_regression_gate(g) for g in gates or []]
+    own = list((cand.run.get("config") or {}).get("compare_gates") or [])
+    parsed = [parse_regression_gate(g) for g in dict.fromkeys(own + list(gates or []))]
     _check_comparable(base, cand)
     out = Comparison(_name(baseline), _name(candidate))
     b_checks, c_checks = {c.id: c for c in base.checks}, {c.id: c for c in cand.checks}
@@ -131,11 +132,6 @@ def compare(baseline: str | Path | AuditResult, candidate: str | Path | AuditRes
     for g in parsed:
         out.gates.append(_evaluate(g, b_checks, c_checks))
     return out
-
-
-def gates_of(audit: str | Path | AuditResult) -> list[str]:
-    """The compare_gates the audit's configuration carries."""
-    return list(((_load(audit).run.get("config") or {}).get("compare_gates")) or [])
 
 
 def _load(r) -> AuditResult:
