@@ -1,7 +1,7 @@
 """Data attribution benchmark: brittle's TRAK vs traker 0.3.2 on MNIST-5k, in one run.
 
     python bench/attribution.py [--skip-peers] [--ridges 0.001,0.01,0.1]
-    python bench/attribution.py --torchscript-check [--baseline-src DIR]
+    python bench/attribution.py --torchscript-check [--baseline-src DIR] [--repeats 3]
         the attribution check on the demo's TorchScript CNN; with DIR, the src/ folder of an earlier brittle
         (e.g. `git worktree add /tmp/base 37538f2` and DIR=/tmp/base/src) runs the same check in the same run
 
@@ -199,13 +199,16 @@ import sys, time, numpy as np, torch
 import brittle
 model = torch.jit.load(sys.argv[1])
 z, t = np.load(sys.argv[2]), np.load(sys.argv[3])
-t0 = time.perf_counter()
-r = brittle.audit(model, (z["x"], z["y"]), train_data=(t["x"], t["y"]), checks=["attribution"])["attribution"]
-np.savez(sys.argv[4], scores=r.arrays["scores"], seconds=time.perf_counter() - t0, backward=r.cost.backward_passes)
+seconds = []
+for _ in range(int(sys.argv[5])):
+    t0 = time.perf_counter()
+    r = brittle.audit(model, (z["x"], z["y"]), train_data=(t["x"], t["y"]), checks=["attribution"])["attribution"]
+    seconds.append(time.perf_counter() - t0)
+np.savez(sys.argv[4], scores=r.arrays["scores"], seconds=min(seconds), backward=r.cost.backward_passes)
 """
 
 
-def _baseline(src: str, scripted, d) -> tuple[float, np.ndarray, int]:
+def _baseline(src: str, scripted, d, repeats: int) -> tuple[float, np.ndarray, int]:
     import subprocess
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,16 +216,17 @@ def _baseline(src: str, scripted, d) -> tuple[float, np.ndarray, int]:
         scripted.save(paths[0])
         np.savez(paths[1], x=d.x_test, y=d.y_test)
         np.savez(paths[2], x=d.x_train, y=d.y_train)
-        subprocess.run([sys.executable, "-c", _BASELINE, *paths], check=True, env={"PYTHONPATH": src, "PATH": ""})
+        subprocess.run([sys.executable, "-c", _BASELINE, *paths, str(repeats)], check=True, env={"PYTHONPATH": src, "PATH": ""})
         out = np.load(paths[3])
         return float(out["seconds"]), out["scores"], int(out["backward"])
 
 
-def torchscript_check(baseline_src: str | None = None) -> None:
+def torchscript_check(baseline_src: str | None = None, repeats: int = 3) -> None:
     """The attribution check of `brittle demo`'s audit (4,000 training digits, 20 targets, projected to 2048) on the
     demo's TorchScript CNN: TorchScript read back as eager Conv2d/Linear layers (factored projections, batched), and
     the path it replaced (the TorchScript module itself: one autograd call per example), in one run; with
-    `baseline_src`, the same check of that earlier brittle too, in a subprocess."""
+    `baseline_src`, the same check of that earlier brittle too, in a subprocess. Each path's time is the best of
+    `repeats` runs (a fresh adapter each time): single runs of the same path vary by 20% on this machine."""
     import brittle
     from brittle.demo import data as demo_data
     from brittle.demo.model import DemoCNN
@@ -234,16 +238,19 @@ def torchscript_check(baseline_src: str | None = None) -> None:
     scripted = torch.jit.script(train_classifier(DemoCNN(), d.x_train, d.y_train, epochs=4, seed=0))
     results = {}
     if baseline_src:
-        seconds, scores, backward = _baseline(baseline_src, scripted, d)
+        seconds, scores, backward = _baseline(baseline_src, scripted, d, repeats)
         results["baseline brittle (before this change)"] = (seconds, scores, backward)
         print(f"baseline: {seconds:.1f} s", flush=True)
     for name in ("per-example loop (before)", "eager graph (now)"):
-        adapter = ModelAdapter(scripted, name="demo_cnn.ts")
-        if name.startswith("per-example"):
-            adapter._eager = adapter.module  # what the check did before: featurise the TorchScript module itself
-        t0 = time.perf_counter()
-        r = brittle.audit(adapter, (d.x_test, d.y_test), train_data=(d.x_train, d.y_train), checks=["attribution"])
-        results[name] = (time.perf_counter() - t0, r["attribution"].arrays["scores"], r["attribution"].cost.backward_passes)
+        seconds = []
+        for _ in range(repeats):
+            adapter = ModelAdapter(scripted, name="demo_cnn.ts")
+            if name.startswith("per-example"):
+                adapter._eager = adapter.module  # what the check did before: featurise the TorchScript module itself
+            t0 = time.perf_counter()
+            r = brittle.audit(adapter, (d.x_test, d.y_test), train_data=(d.x_train, d.y_train), checks=["attribution"])
+            seconds.append(time.perf_counter() - t0)
+        results[name] = (min(seconds), r["attribution"].arrays["scores"], r["attribution"].cost.backward_passes)
         print(f"{name}: {results[name][0]:.1f} s", flush=True)
     t_new, new, _ = results["eager graph (now)"]
     print("\n| path | seconds | ratio to now | largest score difference to now | backward passes counted |")
@@ -263,9 +270,10 @@ def main():
     ap.add_argument("--torchscript-check", action="store_true", help="only: the attribution check on the demo's "
                     "TorchScript CNN, read as eager layers (now) vs the per-example autograd loop (before)")
     ap.add_argument("--baseline-src", help="with --torchscript-check: src/ of an earlier brittle to time as well")
+    ap.add_argument("--repeats", type=int, default=3, help="with --torchscript-check: best of this many runs per path")
     args = ap.parse_args()
     if args.torchscript_check:
-        return torchscript_check(args.baseline_src)
+        return torchscript_check(args.baseline_src, args.repeats)
     torch.set_num_threads(1)
     (x, y), (x_test, y_test) = split()
     x_t, y_t = x_test[:TARGETS], y_test[:TARGETS]

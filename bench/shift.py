@@ -39,9 +39,12 @@ from brittle.model import ModelAdapter  # noqa: E402
 # Geometric shifts: the instability warning (threshold, perturbation) was designed looking at translations and
 # rotations of model seed 0 (the design half). A first held-out evaluation (zoom and shear; the model of seed 2)
 # led to one more design change; its held-out half is zoom and shear, and every set of the model of seed 3.
+# Seed 3 then showed the 15-degree rotation missed (as on seed 0); the interval's low end now also drops by the
+# excess of unstable predictions (a design change looked at on seed 0 only); seed 4 is its fresh held-out model.
 GEOMETRIC = {"translate": (1, 2, 3, 4), "rotate": (15, 30, 45, 60), "zoom": (0.9, 0.8, 0.7, 0.6),
              "shear": (0.2, 0.4, 0.6, 0.8)}
 DESIGN = ("translate", "rotate")
+UNITS = {"translate": "px", "rotate": " deg", "zoom": "x", "shear": " shear"}
 
 
 def geometric(x: torch.Tensor, kind: str, amount: float, seed: int = 0) -> torch.Tensor:
@@ -138,6 +141,8 @@ def main() -> None:
     err = np.array([abs(r["est"].estimate - r["truth"]) for r in rows])
     warned = np.array([bool(r["est"].warnings) for r in rows])
     inside = np.array([r["est"].interval[0] <= r["truth"] <= r["est"].interval[1] for r in rows])
+    width = np.array([r["est"].interval[1] - r["est"].interval[0] for r in rows])
+    print(f"interval width: mean {100 * width.mean():.1f} pp, median {100 * np.median(width):.1f} pp")
     print(f"\nestimate: off > 30 pp without a warning: {int(((err > 0.3) & ~warned).sum())}; off > 15 pp without a "
           f"warning: {int(((err > 0.15) & ~warned).sum())}; warned: {int(warned.sum())} sets; truth inside the "
           f"interval: {inside.mean():.2f}; {1000 * t_est / len(rows):.0f} ms per estimate")
@@ -145,8 +150,9 @@ def main() -> None:
     for kind in GEOMETRIC:
         part = [r for r in rows if r["name"] == kind]
         print(f"  {kind}: " + "; ".join(
-            f"{a}{'px' if kind == 'translate' else ' deg'} truth {r['truth']:.2f} estimate {r['est'].estimate:.2f} "
-            f"[{r['est'].interval[0]:.2f}, {r['est'].interval[1]:.2f}] warnings {len(r['est'].warnings)}"
+            f"{a}{UNITS[kind]} truth {r['truth']:.2f} estimate {r['est'].estimate:.2f} "
+            f"[{r['est'].interval[0]:.2f}, {r['est'].interval[1]:.2f}] warnings {len(r['est'].warnings)} "
+            f"unstable {r['est'].instability[1]:.3f} (source {r['est'].instability[0]:.3f})"
             for a, r in zip(GEOMETRIC[kind], part)))
         missed = [r for r in part if not (r["est"].interval[0] <= r["truth"] <= r["est"].interval[1])
                   and not r["est"].warnings]

@@ -424,6 +424,21 @@ def featurize_rows(model, x: torch.Tensor, y: torch.Tensor, positions: np.ndarra
     return {**{f"block{i}": b for i, b in enumerate(blocks)}, "weights": weights, "exact": np.array(f.exact)}
 
 
+def _gram(b: torch.Tensor) -> torch.Tensor:
+    """b^T b from three quarters of the products: the lower-left block is the transpose of the upper-right
+    (there is no symmetric rank-k product in torch; this is the one-level version of it)."""
+    d = b.shape[1]
+    if d < 512:
+        return b.T @ b
+    h = d // 2
+    top = b[:, :h].T @ b  # (h, d): the upper half, both blocks
+    out = torch.empty(d, d, dtype=b.dtype)
+    out[:h] = top
+    out[h:, :h] = top[:, h:].T
+    out[h:, h:] = b[:, h:].T @ b[:, h:]
+    return out
+
+
 class Trak:
     """TRAK scores from the training features of one or more models.
 
@@ -447,8 +462,9 @@ class Trak:
             n = len(q)
             if not f.exact and f.dim < n:
                 phi = torch.as_tensor(f.blocks[0], dtype=torch.float64)
-                lam = max(ridge * float(((w[:, None] * phi) ** 2).sum()) / n, 1e-12)
-                a = (phi * (w * w)[:, None]).T @ phi + lam * torch.eye(f.dim, dtype=torch.float64)
+                b = w[:, None] * phi
+                lam = max(ridge * float((b ** 2).sum()) / n, 1e-12)
+                a = _gram(b) + lam * torch.eye(f.dim, dtype=torch.float64)
                 chol = torch.linalg.cholesky(a)
                 z = torch.linalg.solve_triangular(chol, phi.T, upper=False)  # (d, n) = L^-1 Phi^T
                 self._state.append(("primal", chol, z))

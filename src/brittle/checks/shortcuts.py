@@ -122,19 +122,28 @@ class Shortcuts(Check):
         chosen = sorted({(c, k) for c, k in pairs.items()}
                         | {(int(c), int(k)) for c, k in zip(*np.nonzero((z >= o.outlier_z) & (class_shift >= o.min_shift)))},
                         key=lambda ck: -z[ck])
-        tested = []
-        for c, k in chosen[: o.max_candidates]:
-            t = _counterfactual(model, x_tr, y_tr, x_ref, y_ref, c, regions[k], side, fill)
-            t.update({"class": c, "region": [int(regions[k][0]), int(regions[k][1]), side], "z": float(z[c, k]),
-                      "shift": float(class_shift[c, k])})
+        tested = [{"class": c, "region": [int(regions[k][0]), int(regions[k][1]), side], "z": float(z[c, k]),
+                   "shift": float(class_shift[c, k])} for c, k in chosen[: o.max_candidates]]
+        for t in tested:
+            t["absent_at_test"] = bool(t["shift"] >= o.min_shift)
+        candidate_bands = _bands([t for t in tested if t["absent_at_test"]], h, w, side)
+        # Every counterfactual test (a candidate region, or a band of rows or columns) is a shard task: each runs
+        # the model over a class's, or every, training image, and they are independent of one another.
+        tasks = [(f"region-{t['class']:04d}-{t['region'][0]:04d}-{t['region'][1]:04d}",
+                  ("region", t["class"], t["region"][:2])) for t in tested]
+        tasks += [(f"band-{b['axis']}-{b['start']:04d}", ("band", b["axis"], b["start"])) for b in candidate_bands]
+        outcomes = ctx.map_shards("counterfactual", counterfactual_test, tasks,
+                                  shared=(x_tr, torch.as_tensor(y_tr), x_ref, torch.as_tensor(y_ref), fill, side),
+                                  label="shortcuts counterfactuals")
+        for t, out in zip(tested, outcomes[: len(tested)]):
+            t.update({k: float(out[k]) for k in ("flip_rate", "accuracy", "accuracy_occluded", "reliance_z")})
             t["relied_on"] = bool(t["accuracy"] - t["accuracy_occluded"] >= o.min_accuracy_drop
                                   and t["reliance_z"] >= o.reliance_z)
-            t["absent_at_test"] = bool(t["shift"] >= o.min_shift)
             t["shortcut"] = t["relied_on"] and t["absent_at_test"]
-            tested.append(t)
         findings, bands = [], []
-        for band in _bands([t for t in tested if t["absent_at_test"]], h, w, side):
-            self._band_test(model, x_tr, y_tr, x_ref, y_ref, band, fill)
+        for band, out in zip(candidate_bands, outcomes[len(tested):]):
+            band.update({k: float(out[k]) for k in ("accuracy", "accuracy_occluded", "reliance_z", "readable_train",
+                                                    "readable_heldout")})
             if band["accuracy"] - band["accuracy_occluded"] >= o.min_accuracy_drop and band["reliance_z"] >= o.reliance_z:
                 bands.append(band)
                 for t in band["members"]:
@@ -159,28 +168,11 @@ class Shortcuts(Check):
         metrics = {"shortcuts_found": len(findings), "worst_accuracy_drop": max(drops, default=0.0)}
         details = {"class_names": names, "region_side": side, "stride": stride, "candidates": tested,
                    "regions": [list(r) for r in regions],
-                   "bands": [{k: v for k, v in b.items() if k not in ("members", "window")} for b in bands]}
+                   "bands": [{k: v for k, v in b.items() if k != "members"} for b in bands]}
         arrays = {"occlusion_drop": drop.astype(np.float32), "specificity_z": z.astype(np.float32),
                   "train_heldout_shift": shift.astype(np.float32),
                   "heatmap": _heatmaps(drop, regions, side, (h, w)).astype(np.float32)}
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
-
-    @staticmethod
-    def _band_test(model, x_tr, y_tr, x_ref, y_ref, band: dict, fill) -> None:
-        """The accuracy that depends on a band of rows (or columns), over all training images, and how well the
-        band's pixels alone tell the label (nearest class mean) in training and in held-out images."""
-        window = band["window"]
-        occluded = x_tr.clone()
-        occluded[window] = fill[window[1:]]
-        right = (model.logits(x_tr, batch_size=1024).argmax(1) == torch.as_tensor(y_tr)).numpy()
-        right_occ = (model.logits(occluded, batch_size=1024).argmax(1) == torch.as_tensor(y_tr)).numpy()
-        band.update(accuracy=float(right.mean()), accuracy_occluded=float(right_occ.mean()),
-                    reliance_z=_mcnemar_z(right, right_occ))
-        pixels_tr, pixels_ref = x_tr[window].flatten(1), x_ref[window].flatten(1)
-        labels = np.unique(y_tr)
-        means = torch.stack([pixels_tr[torch.as_tensor(y_tr == c)].mean(0) for c in labels])
-        band["readable_train"] = float((labels[torch.cdist(pixels_tr, means).argmin(1).numpy()] == y_tr).mean())
-        band["readable_heldout"] = float((labels[torch.cdist(pixels_ref, means).argmin(1).numpy()] == y_ref).mean())
 
     @staticmethod
     def render(r: CheckResult, audit) -> str:
@@ -244,21 +236,44 @@ def occlusion_drops(model, x_tr: torch.Tensor, fill: torch.Tensor, regions: list
     return {"drop": drop}
 
 
-def _counterfactual(model, x_tr, y_tr, x_ref, y_ref, c, region, side, fill) -> dict:
-    i, j = region
-    window = (..., slice(i, i + side), slice(j, j + side))
-    own = x_tr[torch.as_tensor(y_tr == c)]
-    others = x_ref[torch.as_tensor(y_ref != c)]
-    stamped = others.clone()
-    stamped[window] = own[window].mean(0)
-    flip_rate = float((model.logits(stamped, batch_size=1024).argmax(1) == c).double().mean())
-    base_rate = float((model.logits(others, batch_size=1024).argmax(1) == c).double().mean())
-    occluded = own.clone()
-    occluded[window] = fill[window]
-    right = (model.logits(own, batch_size=1024).argmax(1) == c).numpy()
-    right_occluded = (model.logits(occluded, batch_size=1024).argmax(1) == c).numpy()
-    return {"flip_rate": flip_rate - base_rate, "accuracy": float(right.mean()),
-            "accuracy_occluded": float(right_occluded.mean()), "reliance_z": _mcnemar_z(right, right_occluded)}
+def counterfactual_test(model, x_tr: torch.Tensor, y_tr: torch.Tensor, x_ref: torch.Tensor, y_ref: torch.Tensor,
+                        fill: torch.Tensor, side: int, kind: str, *where) -> dict[str, np.ndarray]:
+    """One counterfactual (a shard task). `("region", c, (i, j))`: the class's training accuracy with the region
+    filled with the held-out mean, and how often stamping the class's mean region onto held-out inputs of other
+    classes turns them into c. `("band", axis, start)`: the accuracy over all training images with a band of `side`
+    rows (or columns) filled, and how well the band's pixels alone tell the label (nearest class mean) in training
+    and in held-out images."""
+    if kind == "region":
+        c, (i, j) = where
+        window = (..., slice(i, i + side), slice(j, j + side))
+        own = x_tr[y_tr == c]
+        others = x_ref[y_ref != c]
+        stamped = others.clone()
+        stamped[window] = own[window].mean(0)
+        flip_rate = float((model.logits(stamped, batch_size=1024).argmax(1) == c).double().mean())
+        base_rate = float((model.logits(others, batch_size=1024).argmax(1) == c).double().mean())
+        occluded = own.clone()
+        occluded[window] = fill[window]
+        right = (model.logits(own, batch_size=1024).argmax(1) == c).numpy()
+        right_occluded = (model.logits(occluded, batch_size=1024).argmax(1) == c).numpy()
+        return {"flip_rate": np.array(flip_rate - base_rate), "accuracy": np.array(right.mean()),
+                "accuracy_occluded": np.array(right_occluded.mean()),
+                "reliance_z": np.array(_mcnemar_z(right, right_occluded))}
+    axis, start = where
+    rows = slice(start, start + side) if axis == "rows" else slice(None)
+    columns = slice(start, start + side) if axis == "columns" else slice(None)
+    window = (slice(None), slice(None), rows, columns)
+    occluded = x_tr.clone()
+    occluded[window] = fill[window[1:]]
+    right = (model.logits(x_tr, batch_size=1024).argmax(1) == y_tr).numpy()
+    right_occ = (model.logits(occluded, batch_size=1024).argmax(1) == y_tr).numpy()
+    pixels_tr, pixels_ref = x_tr[window].flatten(1), x_ref[window].flatten(1)
+    labels = torch.unique(y_tr)
+    means = torch.stack([pixels_tr[y_tr == c].mean(0) for c in labels])
+    return {"accuracy": np.array(right.mean()), "accuracy_occluded": np.array(right_occ.mean()),
+            "reliance_z": np.array(_mcnemar_z(right, right_occ)),
+            "readable_train": np.array(float((labels[torch.cdist(pixels_tr, means).argmin(1)] == y_tr).double().mean())),
+            "readable_heldout": np.array(float((labels[torch.cdist(pixels_ref, means).argmin(1)] == y_ref).double().mean()))}
 
 
 def _mcnemar_z(before: np.ndarray, after: np.ndarray) -> float:
@@ -301,10 +316,7 @@ def _bands(found: list[dict], h: int, w: int, side: int) -> list[dict]:
             if len({t["class"] for t in members}) < BAND_CLASSES:
                 continue
             used |= {id(t) for t in members}
-            window = (slice(None), slice(None), slice(start, start + side), slice(None)) if axis == "rows" else \
-                (slice(None), slice(None), slice(None), slice(start, start + side))
-            groups.append({"axis": axis, "start": start, "stop": min(start + side, size), "members": members,
-                           "window": window})
+            groups.append({"axis": axis, "start": start, "stop": min(start + side, size), "members": members})
     return groups
 
 
