@@ -102,23 +102,30 @@ class LocalBackend(Backend):
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _pool_init(payload_path: str, threads: int) -> None:
-    import pickle
-
+def _pool_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    with open(payload_path, "rb") as f:
-        _WORKER_STATE["model"], _WORKER_STATE["shared"] = pickle.load(f)
 
 
-def _pool_run(fn: TaskFn, task: Task) -> dict:
+def _pool_run(fn: TaskFn, payload_path: str, task: Task) -> dict:
+    """Run a task on this worker's copy of the model and shared inputs, read from `payload_path` the first time
+    this worker meets that run (a pool outlives one `run`: each run writes its own payload file)."""
+    import pickle
+
     s = _WORKER_STATE
+    if s.get("path") != payload_path:
+        s.clear()  # the previous run's copy goes before the next one is read
+        with open(payload_path, "rb") as f:
+            s["model"], s["shared"] = pickle.load(f)
+        s["path"] = payload_path
     return _timed(fn, s["model"], s["shared"], task)
 
 
 class ProcessBackend(Backend):
-    """A pool of `workers` processes on this machine (spawned, one torch thread each)."""
+    """A pool of `workers` processes on this machine (spawned, one torch thread each). The pool is started on
+    the first run and kept until `close()`: starting a worker (importing torch) costs seconds, and an audit
+    makes one run per check phase."""
 
     name = "process"
 
@@ -126,6 +133,7 @@ class ProcessBackend(Backend):
         self.workers = int(workers) if workers is not None else (os.cpu_count() or 1)
         if self.workers < 1:
             raise UsageError(f"The 'workers' option must be >= 1; got {workers}.")
+        self._pool = None
 
     def run(self, fn, model, shared, tasks, on_done):
         import pickle
@@ -140,32 +148,49 @@ class ProcessBackend(Backend):
         finally:
             os.unlink(payload)
 
-    def _run_pool(self, fn, payload: str, tasks, on_done) -> None:
+    def _start_pool(self):
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_pool_init,
+                                             initargs=(1,))
+        return self._pool
+
+    def _run_pool(self, fn, payload: str, tasks, on_done) -> None:
+        from concurrent.futures import as_completed
         from concurrent.futures.process import BrokenProcessPool
 
         pending = {t.key: t for t in tasks}
         attempts = {t.key: 0 for t in tasks}
         while pending:
-            pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_pool_init,
-                                       initargs=(payload, 1))
+            pool = self._start_pool()
+            broken = False
             try:
-                futures = {pool.submit(_pool_run, fn, t): t for t in pending.values()}
+                futures = {pool.submit(_pool_run, fn, payload, t): t for t in pending.values()}
                 for fut in as_completed(futures):
                     task = futures[fut]
                     try:
                         result = fut.result()
                     except BrokenProcessPool:
+                        broken = True
                         break  # a worker died: start a new pool for the shards not yet done
                     del pending[task.key]
                     on_done(task, result)
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+            except BaseException:
+                self.close()  # interrupted: no worker goes on with shards nobody will collect
+                raise
+            if broken:
+                self.close()
             for key in pending:
                 attempts[key] += 1
                 if attempts[key] > MAX_RETRIES:
                     raise RuntimeError(f"shard {key} failed {MAX_RETRIES + 1} times: its worker process kept dying")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 # ----- Ray --------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train a small MNIST CNN with a planted backdoor and audit it")
     d.add_argument("--out", default="brittle-demo", help="output folder (default ./brittle-demo)")
+    d.add_argument("--workers", type=int, default=None, help="processes the audit's shards run on (default: 2, or "
+                   "1 on a single-CPU machine; 1 runs everything in this process)")
     _common(d)
 
     c = sub.add_parser("checks", help="list the available checks, their needs and gateable metrics")
@@ -209,12 +211,13 @@ def _cmd_demo(args, progress: Progress) -> int:
     from .demo import run_demo
     from .report import render_summary
 
-    result = run_demo(args.out, progress=progress)
+    result = run_demo(args.out, progress=progress, workers=args.workers)
     if not args.quiet:
         print(render_summary(result, f"{args.out}/report"))
         print(f"The demo's inputs (TorchScript model, .npz data, audit.toml) are in {args.out}/inputs; "
               f"audit them yourself with:\n  brittle audit --model {args.out}/inputs/demo_cnn.ts --data "
-              f"{args.out}/inputs/test.npz --config {args.out}/inputs/audit.toml --out my-audit")
+              f"{args.out}/inputs/test.npz --train-data {args.out}/inputs/train.npz --config "
+              f"{args.out}/inputs/audit.toml --backend process --workers 2 --out my-audit")
     # The demo shows a model that fails its gates on purpose; the command itself succeeded.
     return EXIT_INTERNAL if result.verdict == "error" else EXIT_PASS
 
