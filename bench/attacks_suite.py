@@ -6,6 +6,7 @@
     # BRITTLE_AUTOATTACK_SRC); it is imported from there, never copied into this repository.
     python bench/attacks_suite.py --autoattack-src /path/to/auto-attack --half design   # while changing the design
     python bench/attacks_suite.py --autoattack-src /path/to/auto-attack --half held-out # once it is frozen
+    python bench/attacks_suite.py --autoattack-src ... --half held-out --autoattack-only # AutoAttack's side only
 
 Both run on the same first --n test digits (of the 1,000 held out from training), through the same counting
 wrapper (passes in samples; an input-gradient backward counted per sample); both methods' adversarial examples
@@ -80,6 +81,8 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated model names (substrings) to run")
     ap.add_argument("--options", default="{}", help="JSON: options for brittle's [adversarial] table")
     ap.add_argument("--out", default=str(RESULTS / "attacks_suite.json"))
+    ap.add_argument("--autoattack-only", action="store_true", help="only fill AutoAttack's cache (it does not depend "
+                    "on brittle's design: the held-out half's reference can be computed before the design is frozen)")
     args = ap.parse_args()
     if not args.autoattack_src or not (Path(args.autoattack_src) / "autoattack" / "__init__.py").is_file():
         ap.error("give --autoattack-src (a checkout of github.com/fra31/auto-attack) or BRITTLE_AUTOATTACK_SRC")
@@ -100,8 +103,12 @@ def main() -> int:
         if key not in cache:
             cache[key] = run_autoattack(model, x, y, case.norm, case.eps, args.autoattack_src)
             RESULTS.mkdir(exist_ok=True)
-            cache_path.write_text(json.dumps(cache))
+            on_disk = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+            cache_path.write_text(json.dumps({**on_disk, key: cache[key]}))  # another run may have added keys
         aa = cache[key]
+        if args.autoattack_only:
+            print(f"{case.name}: AutoAttack robust accuracy {np.mean(aa['robust']):.3f}", flush=True)
+            continue
         ours = run_brittle(model, x, y, case.norm, case.eps, options)
         aa_robust, our_robust = np.array(aa["robust"]), np.array(ours["robust"])
         only_aa = np.flatnonzero(our_robust & ~aa_robust).tolist()
@@ -116,6 +123,8 @@ def main() -> int:
                "reliable": ours["reliable"], "fired": ours["fired"], "passes_by_stage": ours["passes_by_stage"]}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "passes_by_stage"}), flush=True)
+    if args.autoattack_only:
+        return 0
     print(f"\n| model | half | threat | robust acc brittle / AA | only AA broke (test indices) | fwd/pt brittle | "
           "bwd/pt brittle | fwd/pt AA | bwd/pt AA | passes brittle/AA (target) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

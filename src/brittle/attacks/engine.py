@@ -3,7 +3,9 @@
 `evaluate_shard` is a pure function of (model, shard, plan, seed): the same shard gives the same result
 whether it runs first, last, after a resume or on another worker. A plan lists the stages in order; each
 stage attacks only the points no earlier stage broke. The minimum-norm stage (when the plan asks for the
-robustness curve) runs on every correctly classified point, because the curve needs each one's distance.
+robustness curve) gives every correctly classified point a distance, because the curve needs each one's: a
+search from scratch on points still robust, a short warm-started one from the adversarial example on points an
+earlier stage broke (`Plan.min_norm_after`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ class Plan:
     straight_through: bool = False  # BPDA through piecewise-constant ops
     log_outputs: bool = False  # attack log-probabilities of a model that outputs probabilities
     max_passes_per_point: float | None = None  # forward + backward passes, in samples
+    # The minimum-norm search runs after this many stages, cold on the points they left robust; the points they
+    # broke get their distance refined from their adversarial examples in `refine_steps` warm-started iterations
+    # (0: before every stage, on every correctly classified point).
+    min_norm_after: int = 0
+    refine_steps: int = 10
 
     @property
     def uses_gradients(self) -> bool:
@@ -117,20 +124,31 @@ def _evaluate(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, plan: Plan,
         f1, b1 = model.counter.snapshot()
         return (f1 - f0 + b1 - b0) / max(n, 1)
 
-    with model.escalated(eot_samples=plan.eot_samples, straight_through=plan.straight_through,
-                         log_outputs=plan.log_outputs):
-        if plan.min_norm is not None and bool(correct.any()):
-            idx = correct.nonzero().squeeze(1)
-            s0 = model.counter.snapshot()
-            cand, _ = plan.min_norm.distances(model, x[idx], y[idx])
+    def min_norm_stage() -> None:
+        s0 = model.counter.snapshot()
+        cold = robust.nonzero().squeeze(1)  # no adversarial example yet: a search from scratch
+        warm = (correct & ~robust).nonzero().squeeze(1)  # broken by an earlier stage: refine its example
+        for idx, start in ((cold, None), (warm, x_adv)):
+            if len(idx) == 0:
+                continue
+            if start is None:
+                cand, _ = plan.min_norm.distances(model, x[idx], y[idx])
+            else:
+                cand, _ = plan.min_norm.refine(model, x[idx], y[idx], start[idx], plan.refine_steps)
             check = _verify(model, x[idx], y[idx], cand, plan, eps=float("inf"))
             found = check.adversarial
-            distance[idx[found]] = check.distance[found]
+            distance[idx[found]] = torch.minimum(distance[idx[found]], check.distance[found])
             min_norm_distance[idx[found]] = check.distance[found]
-            within = found & (check.distance <= plan.eps * (1 + 1e-6))
-            _mark(robust, x_adv, broken_by, idx[within], cand[within], plan.min_norm.label)
-            stage_passes[plan.min_norm.label] = _delta(model, s0)
+            if start is None:
+                within = found & (check.distance <= plan.eps * (1 + 1e-6))
+                _mark(robust, x_adv, broken_by, idx[within], cand[within], plan.min_norm.label)
+        stage_passes[plan.min_norm.label] = _delta(model, s0)
+
+    with model.escalated(eot_samples=plan.eot_samples, straight_through=plan.straight_through,
+                         log_outputs=plan.log_outputs):
         for k, attack in enumerate(plan.stages):
+            if k == plan.min_norm_after and plan.min_norm is not None and bool(correct.any()):
+                min_norm_stage()
             idx = robust.nonzero().squeeze(1)
             if len(idx) == 0:
                 break  # early exit: every point is broken or was misclassified
@@ -151,6 +169,9 @@ def _evaluate(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, plan: Plan,
             elif "late_gain" in trace:
                 late_gain[idx[(trace["late_gain"] > 0) & ~hit]] = 1.0
             stage_passes[attack.label] = _add(stage_passes.get(attack.label), _delta(model, s0))
+        if (plan.min_norm is not None and plan.min_norm.label not in stage_passes and bool(correct.any())
+                and not exhausted):
+            min_norm_stage()  # after the last stage, or the stages ended early (every point broken)
     late_gain[~robust] = 0.0
     f1, b1 = model.counter.snapshot()
     return ShardOutcome(correct, robust, distance, x_adv, broken_by, late_gain, min_norm_distance, f1 - f0, b1 - b0,

@@ -52,6 +52,13 @@ class FMN(Attack):
         """(x_adv, distance) with distance = inf where no adversarial example was found."""
         return self.search(model, x, y)
 
+    def refine(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor,
+               steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_adv, distance) from `steps` iterations warm-started at adversarial examples `start` (e.g. another
+        attack's, found within eps): the radius starts at their size and shrinks from there, then the bisection.
+        Where `start` is not adversarial the search starts from it all the same."""
+        return self._search(model, x, y, None, start=start, steps=steps)
+
     def search(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         best, best_norm = self._search(model, x, y, None)
         if self.n_targets:
@@ -62,8 +69,8 @@ class FMN(Attack):
                 best[better], best_norm[better] = cand[better], size[better]
         return best, best_norm
 
-    def _search(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor,
-                target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, *,
+                start: torch.Tensor | None = None, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         def loss(z: torch.Tensor) -> torch.Tensor:
             if target is None:
                 return margin(z, y)
@@ -71,12 +78,13 @@ class FMN(Attack):
 
         n, view = len(x), (-1,) + (1,) * (x.dim() - 1)
         q = dual_norm_order(self.norm)
-        delta = torch.zeros_like(x)
+        delta = torch.zeros_like(x) if start is None else start - x
         radius = torch.full((n,), float("inf"), device=x.device)
         best = x.clone()
         best_norm = torch.full((n,), float("inf"), device=x.device)
-        for k in range(self.steps):
-            cos = 0.5 * (1 + math.cos(math.pi * k / self.steps))
+        steps = self.steps if steps is None else int(steps)
+        for k in range(steps):
+            cos = 0.5 * (1 + math.cos(math.pi * k / steps))
             gamma = self.gamma * cos + 0.001
             step = 0.1 + 0.9 * cos  # in units of the current radius
             logits, grad = model.logits_and_grad(x + delta, loss)

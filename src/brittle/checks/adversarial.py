@@ -50,12 +50,18 @@ class AdversarialOptions(CheckOptions):
     give_up_loss: float | None = Field(-0.2, le=0, description="targeted runs drop points whose DLR loss is still "
                                        "below this at the first step-size checkpoint (None: never)")
     curve: bool = Field(True, description="minimum-norm distances for the robustness curve")
-    curve_steps: int = Field(30, ge=1, description="FMN iterations; its final bisection makes few enough")
+    curve_steps: int = Field(30, ge=1, description="FMN iterations on points the first APGD left robust; its final "
+                             "bisection makes few enough")
+    curve_refine_steps: int = Field(10, ge=0, description="FMN iterations warm-started from the adversarial example "
+                                    "of a point the first APGD broke (its distance for the curve)")
     square_queries: int = Field(300, ge=1, description="queries of the black-box probe")
     escalated_queries: int = Field(5000, ge=1, description="Square queries when masking is suspected or no gradients")
     eot_samples: int = Field(16, ge=1, description="gradient samples per step on a random model")
     votes: int = Field(9, ge=1, description="forwards per verification on a random model (majority decides)")
     probe_size: int = Field(64, ge=4, description="correctly classified points the soundness probes run on")
+    square_probe_size: int = Field(32, ge=1, description="robust points the black-box (Square) probe attacks (half "
+                                   "of them first, the rest only if that half had a hit): masking shows on a few "
+                                   "points, and each costs `square_queries` forwards")
     escalate: bool = Field(True, description="false: report probes, never escalate (for comparisons only)")
     max_passes_per_point: float | None = Field(None, gt=0, description="a budget of forward + backward passes per "
                                                "point; running out is a finding")
@@ -106,7 +112,8 @@ class Adversarial(Check):
               "example_index": "positions of the examples shown", "example_clean": "the most fragile inputs",
               "example_adversarial": "their verified adversarial examples", "example_label": "their labels",
               "example_adversarial_pred": "the adversarial examples' predictions"}
-    quick_options = {"max_samples": 24, "steps": 5, "first_steps": 5, "curve_steps": 5, "sweep_steps": 0, "restarts": 0,
+    quick_options = {"max_samples": 24, "steps": 5, "first_steps": 5, "curve_steps": 5, "curve_refine_steps": 2,
+                     "sweep_steps": 0, "restarts": 0, "square_probe_size": 8,
                      "probe_size": 8, "square_queries": 20, "escalated_queries": 40}
     findings_intro = (
         "An evaluation that a defence can fool is worse than none. The check runs soundness probes (see "
@@ -293,9 +300,12 @@ class Adversarial(Check):
                                     give_up=self._give_up(0.5, 1)),)
         stages += tuple(APGDTargeted(**kw, steps=o.steps, n_targets=o.n_targets,
                                      give_up=self._give_up(FIRST_CHECKPOINT, 0.5)) for _ in range(o.restarts))
+        # The curve's minimum-norm search from scratch only on the points the cheap first APGD left robust; the
+        # points it broke start from their adversarial examples (a fixed cost that shrinks with the work left).
         min_norm = FMN(norm=o.norm, steps=o.curve_steps) if o.curve else None
         return Plan(o.norm, o.eps, stages, min_norm, settings["eot_samples"], settings["votes"],
-                    settings["straight_through"], settings["log_outputs"], o.max_passes_per_point)
+                    settings["straight_through"], settings["log_outputs"], o.max_passes_per_point,
+                    min_norm_after=1, refine_steps=o.curve_refine_steps)
 
     def _give_up(self, at: float, scale: float) -> tuple[float, float] | None:
         loss = self.options.give_up_loss
@@ -324,13 +334,18 @@ class Adversarial(Check):
                  "newly_broken": before - int(state.robust.sum())},
                 f"{longer_attack!r} on those points", after_share <= LATE_GAIN_SHARE))
 
-        # A black-box attack on points the white-box ensemble left robust.
-        sub = np.flatnonzero(state.robust)[: o.probe_size]
-        bb_broken = 0
-        if len(sub):
-            probe_plan = replace(plan, stages=(Square(norm=o.norm, eps=o.eps, queries=o.square_queries),), min_norm=None)
-            found = self._evaluate(ctx, x, y, sub, probe_plan, derive_seed(ctx.seed, self.id, "black-box probe"))
-            bb_broken = int((found["correct"] & ~found["robust"]).sum())
+        # A black-box attack on points the white-box ensemble left robust: on half the sample first, and on the
+        # other half only when that half showed something (an unmasked model, the usual case, pays half).
+        candidates = np.flatnonzero(state.robust)[: o.square_probe_size]
+        bb_broken, probed = 0, 0
+        probe_plan = replace(plan, stages=(Square(norm=o.norm, eps=o.eps, queries=o.square_queries),), min_norm=None)
+        first = max(1, (len(candidates) + 1) // 2)
+        for part, sub in enumerate((candidates[:first], candidates[first:])):
+            if len(sub) == 0 or (part == 1 and bb_broken == 0):
+                break
+            found = self._evaluate(ctx, x, y, sub, probe_plan, derive_seed(ctx.seed, self.id, "black-box probe", part))
+            bb_broken += int((found["correct"] & ~found["robust"]).sum())
+            probed += len(sub)
             state.merge(found, first=False)  # its adversarial examples are verified: they count
         eps_probe = self._eps_probe(ctx, x, y, plan, probe_idx,
                                     square_queries=0 if gradient_plan else o.square_queries)
@@ -351,9 +366,9 @@ class Adversarial(Check):
             if bb_broken:
                 probes.append(Probe(
                     "adversarial.black-box-stronger", True,
-                    f"A black-box attack (Square, {o.square_queries} queries) broke {bb_broken} of {len(sub)} points "
+                    f"A black-box attack (Square, {o.square_queries} queries) broke {bb_broken} of {probed} points "
                     "that every gradient attack left robust: gradients are misleading (masking).",
-                    {"broken": bb_broken, "probed": int(len(sub)), "escalation_broke": newly}, escalation, diminishing))
+                    {"broken": bb_broken, "probed": probed, "escalation_broke": newly}, escalation, diminishing))
             if eps_fired:
                 probes.append(Probe(
                     "adversarial.eps-not-monotonic", True,
