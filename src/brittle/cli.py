@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the JSON result instead of the summary")
     _common(e)
 
+    u = sub.add_parser("unlearn-check", help="did unlearning work? compare the model with models retrained without "
+                       "the forget set")
+    _model_args(u)
+    u.add_argument("--forget", required=True, help="the examples the model was asked to forget (labelled)")
+    u.add_argument("--retain", required=True, help="the rest of the training set (labelled): the retrained models' data")
+    u.add_argument("--data", required=True, help="labelled held-out data the model never trained on")
+    u.add_argument("--train-fn", required=True, help="'package.module:function' called as fn(x, y, seed=...), "
+                   "returning a trained model that takes the inputs as this one does")
+    u.add_argument("--reference-models", type=int, default=4, help="models retrained without the forget set (default 4)")
+    u.add_argument("--alpha", type=float, default=0.05, help="significance level of the tests (default 0.05)")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--out", help="write the result as JSON here")
+    u.add_argument("--json", action="store_true", help="print the JSON result instead of the summary")
+    _common(u)
+
     t = sub.add_parser("attribute", help="trace predictions back to the training examples that drive them (TRAK)")
     _model_and_data(t)
     t.add_argument("--train-data", required=True, help="the labelled training set")
@@ -264,6 +279,17 @@ def _cmd_estimate(args, progress: Progress) -> int:
     return EXIT_PASS
 
 
+def _cmd_unlearn_check(args, progress: Progress) -> int:
+    from .unlearning import unlearn_check
+
+    result = unlearn_check(None, args.forget, args.retain, args.data, train_fn=args.train_fn,
+                           reference_models=args.reference_models, seed=args.seed, alpha=args.alpha,
+                           config=_config_from_args(args), progress=progress)
+    _emit(result.to_json(), result.summary(), args)
+    # As for audit: 0 the claim holds (forgotten), 1 it does not or cannot be shown.
+    return EXIT_PASS if result.verdict == "forgotten" else EXIT_GATE_FAILED
+
+
 def _emit(payload: dict, summary: str, args) -> None:
     """A command's result: the JSON written to --out when given; printed, unless --quiet, as the summary a person
     reads (or as the JSON with --json)."""
@@ -381,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     handlers = {"audit": _cmd_audit, "report": _cmd_report, "demo": _cmd_demo, "checks": _cmd_checks,
                 "calibrate": _cmd_calibrate, "monitor": _cmd_monitor, "compare": _cmd_compare,
-                "estimate": _cmd_estimate, "attribute": _cmd_attribute,
+                "estimate": _cmd_estimate, "attribute": _cmd_attribute, "unlearn-check": _cmd_unlearn_check,
                 "train": _cmd_train}
     try:
         with command_line():

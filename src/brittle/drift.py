@@ -53,13 +53,15 @@ class DriftResult:
         return "\n".join(lines)
 
 
-def ks_2samp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Two-sample KS statistic and its asymptotic p-value (Stephens' small-sample correction)."""
+def ks_2samp(a: np.ndarray, b: np.ndarray, *, effective_b: int | None = None) -> tuple[float, float]:
+    """Two-sample KS statistic and its asymptotic p-value (Stephens' small-sample correction). `effective_b`: the
+    number of independent samples in b when b pools correlated draws (e.g. several models on the same examples)."""
     a, b = np.sort(np.asarray(a, np.float64)), np.sort(np.asarray(b, np.float64))
     grid = np.concatenate([a, b])
     d = float(np.abs(np.searchsorted(a, grid, side="right") / len(a)
                      - np.searchsorted(b, grid, side="right") / len(b)).max())
-    en = np.sqrt(len(a) * len(b) / (len(a) + len(b)))
+    nb = len(b) if effective_b is None else min(int(effective_b), len(b))
+    en = np.sqrt(len(a) * nb / (len(a) + nb))
     lam = (en + 0.12 + 0.11 / en) * d
     k = np.arange(1, 101)
     p = float(np.clip(2.0 * np.sum((-1.0) ** (k - 1) * np.exp(-2.0 * (k * lam) ** 2)), 0.0, 1.0)) if lam > 0 else 1.0

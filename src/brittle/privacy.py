@@ -19,8 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
 
-__all__ = ["logit_confidence", "lira_offline", "lira_online", "roc", "Roc", "memorisation"]
+from .errors import UsageError
+
+__all__ = ["logit_confidence", "lira_offline", "lira_online", "roc", "Roc", "memorisation", "reference_model_logits"]
 
 FPRS = (0.001, 0.01)  # the false-positive rates TPR is reported at
 PER_EXAMPLE_VARIANCE = 16  # models on each side before each example gets its own variance
@@ -110,3 +114,22 @@ def memorisation(reference_phi: np.ndarray, included: np.ndarray) -> np.ndarray:
     m_in = np.where(n_in > 0, (reference_phi * inc).sum(0) / np.maximum(n_in, 1), np.nan)
     m_out = np.where(n_out > 0, (reference_phi * ~inc).sum(0) / np.maximum(n_out, 1), np.nan)
     return m_in - m_out
+
+
+def reference_model_logits(model, x: torch.Tensor, y: torch.Tensor, train_fn: str, fit: np.ndarray,
+                           seed: int) -> dict[str, np.ndarray]:
+    """One reference model (a shard task): the user's train function on the rows `fit`, its logits on every row."""
+    from .loading.models import import_callable
+
+    fit_fn = import_callable(train_fn, "train function", "it must train and return an nn.Module")
+    trained = fit_fn(x[torch.as_tensor(fit)], y[torch.as_tensor(fit)], seed=seed)
+    if not isinstance(trained, nn.Module):
+        raise UsageError(f"The train function {train_fn!r} returned {type(trained).__name__}, not an nn.Module.")
+    trained.eval()
+    with torch.no_grad():
+        logits = torch.cat([trained(part) for part in x.split(512)]).float()
+    classes = int(y.max()) + 1
+    if logits.dim() != 2 or len(logits) != len(x) or logits.shape[1] < classes:
+        raise UsageError(f"The model from {train_fn!r} returned outputs of shape {tuple(logits.shape)} for {len(x)} "
+                         f"inputs; it must return one row of at least {classes} class scores per input.")
+    return {"logits": logits.numpy(), "passes": np.array([0, 0])}

@@ -18,10 +18,8 @@ from html import escape
 import numpy as np
 import torch
 from pydantic import Field
-from torch import nn
 
-from ..errors import UsageError
-from ..privacy import lira_offline, lira_online, logit_confidence, memorisation, roc
+from ..privacy import lira_offline, lira_online, logit_confidence, memorisation, reference_model_logits, roc
 from ..render import class_label, gallery, line_chart
 from ..result import CheckResult, Finding
 from ..seeds import derive_seed, rng as seeded_rng, seeded_subset
@@ -224,22 +222,3 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
         return None
     ra, rb = np.argsort(np.argsort(a[ok])), np.argsort(np.argsort(b[ok]))
     return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def reference_model_logits(model, x: torch.Tensor, y: torch.Tensor, train_fn: str, fit: np.ndarray,
-                           seed: int) -> dict[str, np.ndarray]:
-    """One reference model (a shard task): the user's train function on the rows `fit`, its logits on every row."""
-    from ..loading.models import import_callable
-
-    fit_fn = import_callable(train_fn, "train function", "it must train and return an nn.Module")
-    trained = fit_fn(x[torch.as_tensor(fit)], y[torch.as_tensor(fit)], seed=seed)
-    if not isinstance(trained, nn.Module):
-        raise UsageError(f"The train function {train_fn!r} returned {type(trained).__name__}, not an nn.Module.")
-    trained.eval()
-    with torch.no_grad():
-        logits = torch.cat([trained(part) for part in x.split(512)]).float()
-    classes = int(y.max()) + 1
-    if logits.dim() != 2 or len(logits) != len(x) or logits.shape[1] < classes:
-        raise UsageError(f"The model from {train_fn!r} returned outputs of shape {tuple(logits.shape)} for {len(x)} "
-                         f"inputs; it must return one row of at least {classes} class scores per input.")
-    return {"logits": logits.numpy(), "passes": np.array([0, 0])}
