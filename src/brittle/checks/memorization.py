@@ -192,9 +192,10 @@ class Memorization(Check):
             grid = next(iter(curves.values()))["fpr"]
             series = {_ATTACK_NAMES.get(k, k): c["tpr"] for k, c in curves.items()}
             series["a guess"] = grid
-            out += ["<h4>ROC, log-log: the low false-positive end is what matters</h4>",
+            out += ["<h4>ROC, log-log (true-positive rate against false-positive rate): the low false-positive end is "
+                    "what matters</h4>",
                     line_chart(grid, series, xlabel="false-positive rate (log scale)", title="membership ROC",
-                               xlog=True)]
+                               xlog=True, ylog=1e-3)]
         if d.get("proxy_agreement") is not None:
             out.append(f'<p class="meta">TRAK self-influence agrees with the reference models\' memorisation with '
                        f"Spearman rank correlation {d['proxy_agreement']:.2f}.</p>")
@@ -210,7 +211,7 @@ class Memorization(Check):
 _ATTACK_NAMES = {"population": "a loss-threshold attack", "lira_offline": "LiRA (offline)", "lira_online": "LiRA (online)"}
 
 
-def _log_grid(r, points: int = 13) -> dict[str, list[float]]:
+def _log_grid(r, points: int = 7) -> dict[str, list[float]]:
     """The ROC's TPR at FPRs spaced evenly in log from 1e-3 to 1 (a step function: the largest TPR at or below)."""
     grid = np.logspace(-3, 0, points)
     return {"fpr": grid.tolist(), "tpr": [float(r.tpr[r.fpr <= f + 1e-12].max()) for f in grid]}

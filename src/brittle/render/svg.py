@@ -88,9 +88,11 @@ def heatmap(matrix: Sequence[Sequence[float]], labels: Sequence[str], *, title: 
 
 
 def line_chart(xs: Sequence[float], series: dict[str, Sequence[float]], *, width: int = 560, height: int = 220,
-               ymax: float = 1.0, xlabel: str = "", title: str = "", xlog: bool = False) -> str:
+               ymax: float = 1.0, xlabel: str = "", title: str = "", xlog: bool = False,
+               ylog: float | None = None) -> str:
     """Lines over a shared x grid. `xlog`: a logarithmic x axis (positive xs), ticked at every x, for grids that
-    grow geometrically (eps curves)."""
+    grow geometrically (eps curves). `ylog`: a logarithmic y axis from this (positive) value to ymax, ticked at
+    every decade; values below it sit on the axis (log-log ROC curves)."""
     left, bottom, top = 36, 30, 18
     plot_w, plot_h = width - left - 10, height - bottom - top
     xlog = xlog and bool(xs) and min(xs) > 0
@@ -101,15 +103,26 @@ def line_chart(xs: Sequence[float], series: dict[str, Sequence[float]], *, width
     def px(x: float) -> float:
         return left + plot_w * (scale(x) - x0) / span
 
-    def py(y: float) -> float:
-        return top + plot_h * (1 - max(0.0, min(y / ymax, 1.0)))
+    if ylog:
+        lo, hi = math.log10(ylog), math.log10(ymax)
+
+        def py(y: float) -> float:
+            v = math.log10(min(max(y, ylog), ymax))
+            return top + plot_h * (1 - (v - lo) / ((hi - lo) or 1))
+
+        yticks = [10.0 ** k for k in range(math.ceil(lo - 1e-9), math.floor(hi + 1e-9) + 1)]
+    else:
+        def py(y: float) -> float:
+            return top + plot_h * (1 - max(0.0, min(y / ymax, 1.0)))
+
+        yticks = [frac * ymax for frac in (0, 0.5, 1.0)]
 
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
              f'aria-label="{escape(title)}">']
-    for frac in (0, 0.5, 1.0):
-        parts.append(f'<line x1="{left}" y1="{py(frac * ymax):.1f}" x2="{width - 10}" y2="{py(frac * ymax):.1f}" '
-                     f'stroke="#ddd"/><text x="{left - 4}" y="{py(frac * ymax) + 4:.1f}" text-anchor="end" '
-                     f'font-size="10">{frac * ymax:g}</text>')
+    for yv in yticks:
+        parts.append(f'<line x1="{left}" y1="{py(yv):.1f}" x2="{width - 10}" y2="{py(yv):.1f}" '
+                     f'stroke="#ddd"/><text x="{left - 4}" y="{py(yv) + 4:.1f}" text-anchor="end" '
+                     f'font-size="10">{yv:g}</text>')
     ticks = ([(x, "middle") for x in xs] if xlog else
              [(x0 + frac * span, align) for frac, align in ((0, "start"), (0.5, "middle"), (1.0, "end"))])
     for i, (xv, align) in enumerate(ticks):
