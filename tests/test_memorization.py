@@ -126,3 +126,19 @@ def test_lira_scores_and_memorisation_on_known_gaussians():
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     y = np.array([0, 1, 2, 0, 1])
     assert np.allclose(logit_confidence(z, y), np.log(p[np.arange(5), y] / (1 - p[np.arange(5), y])))
+
+
+def test_the_report_marks_memorised_examples_that_label_errors_flagged(tmp_path):
+    from tests.conftest import check_report_html
+
+    x_tr, y_tr, x_te, y_te, flipped = _digits(flip=0.1)
+    model = train_overfit(x_tr, y_tr, seed=0)
+    r = brittle.audit(model, (x_te, y_te), train_data=(x_tr, y_tr), checks=["memorization", "label_errors"],
+                      config={"memorization": {"proj_dim": 128}}, out=tmp_path / "audit")
+    html = (tmp_path / "audit" / "report.html").read_text()
+    check_report_html(html)
+    flagged = set(r["label_errors"].arrays["train_index"][r["label_errors"].arrays["flagged"]].tolist())
+    shown = [int(i) for i in r["memorization"].arrays["example_index"]]
+    marked = [i for i in shown if f"train #{i}: labelled" in html and i in flagged]
+    assert "flagged by the label_errors check" in html and marked  # the two checks' verdicts meet in the report
+    assert all(f"train #{i}: labelled" in html for i in shown)

@@ -201,14 +201,25 @@ class Memorization(Check):
                        f"Spearman rank correlation {d['proxy_agreement']:.2f}.</p>")
         if "example_image" in a:
             label = class_label(d.get("class_names") or [])
-            out += gallery(f"Most memorised training examples ({escape(str(d.get('memorisation_source')))})",
+            suspect = _flagged_labels(audit)
+            note = " (\u26a0 = flagged by the label_errors check)" if suspect is not None else ""
+            out += gallery(f"Most memorised training examples ({escape(str(d.get('memorisation_source')))}){note}",
                            a["example_image"], [f"train #{int(i)}: labelled {label(int(c))} ({float(s):.2f})"
+                                                + (" \u26a0" if suspect is not None and int(i) in suspect else "")
                                                 for i, c, s in zip(a["example_index"], a["example_label"],
                                                                    a["example_score"])], audit)
         return "".join(out)
 
 
 _ATTACK_NAMES = {"population": "a loss-threshold attack", "lira_offline": "LiRA (offline)", "lira_online": "LiRA (online)"}
+
+
+def _flagged_labels(audit) -> set[int] | None:
+    """Training-file positions the label_errors check of the same audit flagged, or None when it did not run."""
+    for c in getattr(audit, "checks", []):
+        if c.id == "label_errors" and c.arrays and "flagged" in c.arrays:
+            return {int(i) for i in np.asarray(c.arrays["train_index"])[np.asarray(c.arrays["flagged"], bool)]}
+    return None
 
 
 def _log_grid(r, points: int = 7) -> dict[str, list[float]]:
