@@ -14,7 +14,9 @@ the same half. privacy-meter 1.0.1 is not run: it imports tensorflow and opacus 
 project's environment does not carry.
 
 Printed: TPR at 0.1% and 1% FPR, AUC and balanced accuracy per attack and model, and the most memorised
-examples' label-flip share when `--flip` labels are flipped in the training set.
+examples' label-flip share when `--flip` labels are flipped in the training set. Then `brittle unlearn-check`
+on three candidate "unlearned" overfitted models (forget = the first `--forget` members): one retrained
+without them (another seed), the original, and the original after gradient ascent on them.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def main() -> int:
     ap.add_argument("--members", type=int, default=1000)
     ap.add_argument("--references", type=int, default=16)
     ap.add_argument("--flip", type=float, default=0.1, help="share of the members' labels flipped (0: none)")
+    ap.add_argument("--forget", type=int, default=100, help="members in unlearn-check's forget set")
+    ap.add_argument("--unlearn-references", type=int, default=4, help="retrained models of unlearn-check")
     args = ap.parse_args()
     torch.set_num_threads(2)
     (x_all, y_all), (x_test, y_test) = split()
@@ -120,12 +124,49 @@ def main() -> int:
               f"{art_seconds:.0f} s; flipped share of the 100 most memorised: {flipped[top].mean():.2f} "
               f"(base rate {flipped.mean():.2f}); TRAK self-influence agreement {r.details['proxy_agreement']}",
               flush=True)
+    unlearning = unlearn_rows(x_m, y_m, x_n, y_n, args.forget, args.unlearn_references)
     print("\n| model | test acc | attack | TPR @ 0.1% FPR | TPR @ 1% FPR | AUC | balanced acc |")
     print("|---|---|---|---|---|---|---|")
     for name, acc, attack, res in rows:
         print(f"| {name} | {acc:.3f} | {attack} | {res.tpr_at[0.001]:.3f} | {res.tpr_at[0.01]:.3f} | {res.auc:.3f} | "
               f"{res.balanced_accuracy:.3f} |")
+    print(f"\n## brittle unlearn-check: forget = the first {args.forget} members, retain = the rest, "
+          f"{args.unlearn_references} retrained reference models\n")
+    print("| model | verdict | KS p | membership AUC (forget vs test) | membership p | forget acc (model / retrained) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in unlearning:
+        print(f"| {name} | {r.verdict} | {r.ks_p_value:.3g} | {r.membership_auc:.3f} | {r.membership_p_value:.3g} | "
+              f"{r.accuracy['forget']:.3f} / {r.accuracy['retrained_forget']:.3f} |")
     return 0
+
+
+def _gradient_ascent(model: nn.Module, x, y, *, epochs: int, lr: float = 1e-4) -> nn.Module:
+    """The unlearning shortcut most often tried: a few epochs of gradient ascent on the forget set."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    for _ in range(epochs):
+        for idx in torch.arange(len(x)).split(64):
+            opt.zero_grad()
+            (-nn.functional.cross_entropy(model(x[idx]), y[idx])).backward()
+            opt.step()
+    return model.eval()
+
+
+def unlearn_rows(x_m, y_m, x_n, y_n, forget: int, references: int):
+    """Three candidate "unlearned" models against models retrained without the forget set: retrained itself
+    (another seed), the original, and the original after gradient ascent on the forget set."""
+    import copy
+
+    from brittle.unlearning import unlearn_check
+
+    f, r = (x_m[:forget], y_m[:forget]), (x_m[forget:], y_m[forget:])
+    original = train_overfitted(x_m, y_m, seed=0)
+    candidates = {"retrained without the forget set (seed 99)": train_overfitted(*r, seed=99),
+                  "original (trained on everything)": original,
+                  "original + 2 epochs of gradient ascent on the forget set":
+                      _gradient_ascent(copy.deepcopy(original), *f, epochs=2)}
+    return [(name, unlearn_check(m, f, r, (x_n, y_n), train_fn="privacy:train_overfitted",
+                                 reference_models=references)) for name, m in candidates.items()]
 
 
 if __name__ == "__main__":
