@@ -35,7 +35,7 @@ bounds = [0.0, 1.0]
 norm = "Linf"
 eps = 0.15
 
-# Sample sizes are smaller than the defaults so that the demo takes about a minute and a half on 2 cores;
+# Sample sizes are smaller than the defaults so that the demo takes about a minute on 2 cores;
 # a real audit keeps the defaults (or sets its own here).
 [adversarial]
 max_samples = 300
