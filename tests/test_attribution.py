@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import brittle
-from brittle.attribution import Trak, _per_example_grads, _spearman, featurize, margins
+from brittle.attribution import Trak, _per_example_grads, spearman, featurize, margins
 from brittle.errors import UsageError
 
 
@@ -71,7 +71,7 @@ def test_scores_rank_like_exact_leave_one_out_on_logistic_regression():
     model32.load_state_dict({k: v.float() for k, v in full.state_dict().items()})
     trak = Trak([featurize(model32, x.float(), y)], ridge=0.01)
     scores = trak.scores([featurize(model32, xt.float(), yt)])
-    rho = [_spearman(scores[t], loo[t]) for t in range(len(xt))]
+    rho = [spearman(scores[t], loo[t]) for t in range(len(xt))]
     assert min(rho) > 0.8, rho
 
 

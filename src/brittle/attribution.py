@@ -540,20 +540,20 @@ def evaluate_lds(scores: np.ndarray, train_fn, x_train: torch.Tensor, y_train: t
 def lds_from(scores: np.ndarray, masks: np.ndarray, measured: np.ndarray) -> dict:
     """LDS of `scores` (targets, n) against margins `measured` (subsets, targets) of models trained on `masks`."""
     predicted = masks.astype(np.float64) @ scores.T
-    rho = np.array([_spearman(predicted[:, t], measured[:, t]) for t in range(scores.shape[0])])
+    rho = np.array([spearman(predicted[:, t], measured[:, t]) for t in range(scores.shape[0])])
     ok = np.isfinite(rho)
     return {"lds": float(rho[ok].mean()), "stderr": float(rho[ok].std() / np.sqrt(max(ok.sum(), 1))),
             "targets": int(len(rho)), "per_target": rho.tolist()}
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = _ranks(a), _ranks(b)
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = ranks(a), ranks(b)
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _ranks(v: np.ndarray) -> np.ndarray:
+def ranks(v: np.ndarray) -> np.ndarray:
     """Ranks with ties sharing their mean rank."""
     order = np.argsort(v, kind="stable")
     ranks = np.empty(len(v))

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from .errors import UsageError
 
 __all__ = ["logit_confidence", "lira_offline", "lira_online", "roc", "Roc", "memorisation", "reference_model_logits"]
 
@@ -119,17 +117,7 @@ def memorisation(reference_phi: np.ndarray, included: np.ndarray) -> np.ndarray:
 def reference_model_logits(model, x: torch.Tensor, y: torch.Tensor, train_fn: str, fit: np.ndarray,
                            seed: int) -> dict[str, np.ndarray]:
     """One reference model (a shard task): the user's train function on the rows `fit`, its logits on every row."""
-    from .loading.models import import_callable
+    from .loading.models import train_and_predict
 
-    fit_fn = import_callable(train_fn, "train function", "it must train and return an nn.Module")
-    trained = fit_fn(x[torch.as_tensor(fit)], y[torch.as_tensor(fit)], seed=seed)
-    if not isinstance(trained, nn.Module):
-        raise UsageError(f"The train function {train_fn!r} returned {type(trained).__name__}, not an nn.Module.")
-    trained.eval()
-    with torch.no_grad():
-        logits = torch.cat([trained(part) for part in x.split(512)]).float()
-    classes = int(y.max()) + 1
-    if logits.dim() != 2 or len(logits) != len(x) or logits.shape[1] < classes:
-        raise UsageError(f"The model from {train_fn!r} returned outputs of shape {tuple(logits.shape)} for {len(x)} "
-                         f"inputs; it must return one row of at least {classes} class scores per input.")
+    logits = train_and_predict(train_fn, x, y, fit, np.arange(len(x)), seed).float()
     return {"logits": logits.numpy(), "passes": np.array([0, 0])}

@@ -70,19 +70,11 @@ class UnlearnResult:
 
 def _mann_whitney_greater(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """AUC of a over b and the one-sided p-value that a tends to be larger (normal approximation, tie-corrected)."""
+    from .attribution import ranks
+
     both = np.concatenate([a, b])
-    order = np.argsort(both, kind="mergesort")
-    ranks = np.empty(len(both))
-    sorted_vals = both[order]
-    i = 0
-    while i < len(both):  # average ranks over ties
-        j = i
-        while j + 1 < len(both) and sorted_vals[j + 1] == sorted_vals[i]:
-            j += 1
-        ranks[order[i: j + 1]] = (i + j) / 2 + 1
-        i = j + 1
     n1, n2 = len(a), len(b)
-    u = ranks[:n1].sum() - n1 * (n1 + 1) / 2
+    u = (ranks(both)[:n1] + 1).sum() - n1 * (n1 + 1) / 2  # ranks from 1, ties sharing their mean rank
     _, counts = np.unique(both, return_counts=True)
     n = n1 + n2
     var = n1 * n2 / 12 * ((n + 1) - (counts ** 3 - counts).sum() / (n * (n - 1)))

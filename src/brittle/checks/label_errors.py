@@ -19,9 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field, model_validator
-from torch import nn
 
-from ..errors import UsageError
 from ..render import bar_chart, class_label, count_axis, gallery
 from ..result import CheckResult, Finding
 from ..seeds import derive_seed
@@ -184,19 +182,9 @@ class LabelErrors(Check):
 def retrained_fold(model, x: torch.Tensor, y: torch.Tensor, train_fn: str, fit: np.ndarray, held: np.ndarray,
                    seed: int) -> dict[str, np.ndarray]:
     """One fold (a shard task): the user's train function on the other folds, its probabilities on this one."""
-    from ..loading.models import import_callable
+    from ..loading.models import train_and_predict
 
-    fit_fn = import_callable(train_fn, "train function", "it must train and return an nn.Module")
-    trained = fit_fn(x[torch.as_tensor(fit)], y[torch.as_tensor(fit)], seed=seed)
-    if not isinstance(trained, nn.Module):
-        raise UsageError(f"The train function {train_fn!r} returned {type(trained).__name__}, not an nn.Module.")
-    trained.eval()
-    classes = int(y.max()) + 1
-    with torch.no_grad():
-        logits = torch.cat([trained(part) for part in x[torch.as_tensor(held)].split(512)])
-    if logits.dim() != 2 or len(logits) != len(held) or logits.shape[1] < classes:
-        raise UsageError(f"The model from {train_fn!r} returned outputs of shape {tuple(logits.shape)} for "
-                         f"{len(held)} inputs; it must return one row of at least {classes} class scores per input.")
+    logits = train_and_predict(train_fn, x, y, fit, held, seed)
     return {"probs": torch.softmax(logits.double(), 1).numpy(), "passes": np.array([0, 0])}
 
 

@@ -229,8 +229,8 @@ def _log_grid(r, points: int = 7) -> dict[str, list[float]]:
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Rank correlation over the examples where both scores are finite (None with fewer than 3)."""
+    from ..attribution import spearman
+
     ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3:
-        return None
-    ra, rb = np.argsort(np.argsort(a[ok])), np.argsort(np.argsort(b[ok]))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return spearman(a[ok], b[ok]) if ok.sum() >= 3 else None

@@ -93,7 +93,7 @@ class Shortcuts(Check):
 
     def run(self, ctx: AuditContext) -> CheckResult:
         o = self.options
-        model, train, ref = ctx.model, ctx.train_data, ctx.data
+        train, ref = ctx.train_data, ctx.data
         x_tr, y_tr, x_ref, y_ref = train.x, train.y.numpy(), ref.x, ref.y.numpy()
         classes = int(max(y_tr.max(), y_ref.max()) + 1)
         h, w = x_tr.shape[-2:]

@@ -111,6 +111,25 @@ def import_callable(target: str, role: str, purpose: str):
     return fn
 
 
+def train_and_predict(train_fn: str, x: torch.Tensor, y: torch.Tensor, fit, rows, seed: int) -> torch.Tensor:
+    """The user's train function ('package.module:function', called as fn(x, y, seed=...)) on the rows `fit` of
+    (x, y), and the trained model's logits on the rows `rows`, checked to be one row of class scores per input
+    (label_errors' folds and the privacy checks' reference models both retrain this way)."""
+    fit_fn = import_callable(train_fn, "train function", "it must train and return an nn.Module")
+    trained = fit_fn(x[torch.as_tensor(fit)], y[torch.as_tensor(fit)], seed=seed)
+    if not isinstance(trained, torch.nn.Module):
+        raise UsageError(f"The train function {train_fn!r} returned {type(trained).__name__}, not an nn.Module.")
+    trained.eval()
+    inputs = x[torch.as_tensor(rows)]
+    with torch.no_grad():
+        logits = torch.cat([trained(part) for part in inputs.split(512)])
+    classes = int(y.max()) + 1
+    if logits.dim() != 2 or len(logits) != len(inputs) or logits.shape[1] < classes:
+        raise UsageError(f"The model from {train_fn!r} returned outputs of shape {tuple(logits.shape)} for "
+                         f"{len(inputs)} inputs; it must return one row of at least {classes} class scores per input.")
+    return logits
+
+
 def _import_from_here(name: str):
     """Import `name`; if its top-level package is not importable but sits in the working directory, import it from
     there, as `python -m` would (a user's `mymodels/nets.py` beside the data)."""
