@@ -40,12 +40,28 @@ def _digits_cnn():
     return model.eval(), (x[1000:1200], y[1000:1200]), (x[:600], y[:600])
 
 
+def _perturbed_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.1 * p.std() * torch.randn(p.shape, generator=g))
+    return twin.eval()
+
+
 @pytest.fixture(scope="module")
 def contract(tmp_path_factory):
     pytest.importorskip("sklearn")
     model, data, train = _digits_cnn()
     config = {"seed": 3, "threat": {"eps": 0.1}, **{cid: REGISTRY[cid].quick_options for cid in available_checks()}}
     out = tmp_path_factory.mktemp("contract")
+    # model_diff compares with another model file: the same network with perturbed weights.
+    other = tmp_path_factory.mktemp("other") / "other.ts"
+    twin = _perturbed_copy(model)
+    torch.jit.trace(twin, torch.from_numpy(data[0][:1])).save(str(other))
+    config["model_diff"] = {**config["model_diff"], "other_model": str(other)}
     result = brittle.audit(model, data, train_data=train, config=config, out=out)
     return result, out, model, data, train, config
 

@@ -18,9 +18,11 @@ from .label_free import estimate as estimate_accuracy
 from .attribution import attribute
 from .training import TrainConfig, train
 from .compare import compare as compare_audits
+from .model_diff import diff as diff_models
+from .unlearning import unlearn_check
 
 __all__ = [
-    "AuditConfig", "AuditResult", "BrittleError", "CheckResult", "compare_audits", "Dataset", "Finding", "InputError", "ModelAdapter",
+    "AuditConfig", "AuditResult", "BrittleError", "CheckResult", "compare_audits", "Dataset", "diff_models", "Finding", "InputError", "ModelAdapter",
     "ModelSpec", "SCHEMA_VERSION", "TrainConfig", "UsageError", "__version__", "attribute", "audit", "calibrate",
-    "estimate_accuracy", "load_config", "load_data", "load_model", "monitor", "train",
+    "estimate_accuracy", "load_config", "load_data", "load_model", "monitor", "train", "unlearn_check",
 ]

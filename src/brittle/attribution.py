@@ -626,10 +626,11 @@ def attribute(model, train_data, data, *, other_models=(), targets: int | list[i
 
 
 def attribute_prepared(adapters, train, targets, *, proj_dim=None, ridge=3.0, store=None, batch_size=64,
-                       progress=None, seed: int = 0, map_shards=None) -> Attribution:
+                       progress=None, seed: int = 0, map_shards=None, weighted: bool = True) -> Attribution:
     """The work of `attribute` on prepared adapters and datasets. The attribution check passes its context's
     `map_shards` (featurisation of the training set, the expensive part, then runs as resumable shards on the
-    audit's backend); without it, `store` keeps features in a folder and an interrupted run continues there."""
+    audit's backend); without it, `store` keeps features in a folder and an interrupted run continues there.
+    `weighted=False` leaves out TRAK's (1 - p_i) factor, which shrinks the examples a model fits confidently."""
     for a in adapters:
         if a.module is None:
             raise UsageError(f"{a.name} is a black-box model: attribution needs its weights' gradients "
@@ -652,5 +653,5 @@ def attribute_prepared(adapters, train, targets, *, proj_dim=None, ridge=3.0, st
         tfeats.append(featurize(a.eager_module(), a.normalise(targets.x), targets.y, proj_dim=proj_dim, seed=seed + m,
                                 batch_size=batch_size, counter=a.counter))
     trak = Trak(feats, ridge=ridge)
-    return Attribution(trak.scores(tfeats), trak.self_influence(), targets.positions(np.arange(len(targets))),
+    return Attribution(trak.scores(tfeats, weighted=weighted), trak.self_influence(), targets.positions(np.arange(len(targets))),
                        train.positions(np.arange(len(train))), trak.lambdas, feats[0].exact, feats[0].dim, trak)

@@ -129,6 +129,23 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", action="store_true", help="print the JSON result instead of the summary")
     _common(cp)
 
+    df = sub.add_parser("diff", help="how two models differ: where they disagree and which training examples one "
+                        "relies on that the other does not (ModelDiff)")
+    _model_args(df)
+    df.add_argument("--other-model", required=True, help="the model to compare with (same classes and input domain)")
+    df.add_argument("--data", required=True, help="labelled audit data both models are compared on")
+    df.add_argument("--train-data", required=True, help="the labelled training set both are attributed to")
+    df.add_argument("--targets", type=int, default=300, help="audit points attributed (default 300)")
+    df.add_argument("--directions", type=int, default=3, help="distinguishing directions per model (default 3)")
+    df.add_argument("--top", type=int, default=20, help="training examples listed per direction (default 20)")
+    df.add_argument("--max-train", type=int, default=20000, help="training examples attributed to (default 20000)")
+    df.add_argument("--proj-dim", type=int, help="gradient projection (default: exact for Linear-only models, "
+                    "else 2048)")
+    df.add_argument("--seed", type=int, default=0)
+    df.add_argument("--out", required=True, help="write diff.json and diff.html to this folder")
+    df.add_argument("--json", action="store_true", help="print the JSON result instead of the summary")
+    _common(df)
+
     m = sub.add_parser("monitor", help="two-sample drift tests of a new batch against reference data (exit 1: drift)")
     _model_args(m)
     m.add_argument("--reference", required=True, help="data the model was validated on (labels not needed)")
@@ -261,6 +278,24 @@ def _cmd_compare(args, progress: Progress) -> int:
         if args.out:
             print(f"compare: {Path(args.out) / 'compare.html'} (json: {Path(args.out) / 'compare.json'})")
     return result.exit_code
+
+
+def _cmd_diff(args, progress: Progress) -> int:
+    from ._atomic import write_text
+    from .model_diff import diff
+    from .report.diff_page import render_diff_page
+
+    cfg = _config_from_args(args)
+    result = diff(None, args.other_model, args.data, args.train_data, targets=args.targets,
+                  directions=args.directions, top=args.top, max_train=args.max_train, proj_dim=args.proj_dim,
+                  seed=args.seed, config=cfg, progress=progress)
+    out = Path(args.out)
+    write_text(out / "diff.json", json.dumps(result.to_json(), indent=2))
+    write_text(out / "diff.html", render_diff_page(result))
+    if not args.quiet:
+        print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
+        print(f"diff: {out / 'diff.html'} (json: {out / 'diff.json'})")
+    return EXIT_PASS
 
 
 def _cmd_monitor(args, progress: Progress) -> int:
@@ -408,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"audit": _cmd_audit, "report": _cmd_report, "demo": _cmd_demo, "checks": _cmd_checks,
                 "calibrate": _cmd_calibrate, "monitor": _cmd_monitor, "compare": _cmd_compare,
                 "estimate": _cmd_estimate, "attribute": _cmd_attribute, "unlearn-check": _cmd_unlearn_check,
-                "train": _cmd_train}
+                "train": _cmd_train, "diff": _cmd_diff}
     try:
         with command_line():
             return handlers[args.command](args, progress)

@@ -1,6 +1,6 @@
 """Built-in checks. Importing this package registers them."""
 
-from . import accuracy, adversarial, attribution, backdoor, calibration, certified, corruptions, label_errors, memorization, model_sanity, shortcuts, slices  # noqa: F401 - registration side effect
+from . import accuracy, adversarial, attribution, backdoor, calibration, certified, corruptions, label_errors, memorization, model_diff, model_sanity, shortcuts, slices  # noqa: F401 - registration side effect
 from .base import AuditContext, Check, CheckOptions, CheckState, Needs, REGISTRY
 
 __all__ = ["REGISTRY", "AuditContext", "Check", "CheckOptions", "CheckState", "Needs", "available_checks", "get_check"]

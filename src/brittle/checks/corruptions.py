@@ -136,14 +136,19 @@ class Corruptions(Check):
         scale = None if tabular is None else tabular[1]
         source_instability = prediction_instability(ctx.model, x[torch.as_tensor(fit_part[:INSTABILITY_POINTS])],
                                                     seed=ctx.seed, scale=scale, draws=INSTABILITY_DRAWS)
-        tasks = [(name, (name, o.severities, ctx.seed, source_instability)) for name in names]
+        # One task per corruption and severity: the tasks' costs differ by corruption, and small ones keep two
+        # workers busy to the end (each severity is corrupted with the same seed whichever task runs it).
+        tasks = [(f"{name}-{sev}", (name, [sev], ctx.seed, source_instability)) for name in names for sev in o.severities]
         shards = ctx.map_shards("set", corrupted_predictions, tasks, shared=(x, y, models[1:], judge_part, fit, n_est,
                                                                              tabular), label="corruptions")
+        per_set = len(o.severities)
         accuracy = {n: [] for n in names}  # the audited model's, per severity
         ref_error = {n: [] for n in names}
         estimates = []
-        for name, shard in zip(names, shards):
-            preds, est = shard["predictions"], shard["estimates"]  # (models, severities, N); (severities, 3)
+        for k, name in enumerate(names):
+            parts = shards[k * per_set:(k + 1) * per_set]
+            preds = np.concatenate([part["predictions"] for part in parts], 1)  # (models, severities, N)
+            est = np.concatenate([part["estimates"] for part in parts])  # (severities, 3)
             accuracy[name] = (preds[0] == y[None]).mean(1).tolist()
             if reference is not None:
                 ref_error[name] = (1 - (preds[-1] == y[None]).mean(1)).tolist()

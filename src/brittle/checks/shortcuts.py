@@ -31,6 +31,7 @@ from pydantic import Field
 from ..render import figure_row, image, to_display_image
 from ..result import CheckResult, Finding
 from ..seeds import rng as seeded_rng
+from ..stats import mcnemar_z
 from .base import AuditContext, Check, CheckOptions, FindingDoc, Needs, make_details, robust_z, status_from_findings
 
 SIGNIFICANT_T = 5.0  # a pixel's train/held-out difference counts only beyond this many standard errors
@@ -258,7 +259,7 @@ def counterfactual_test(model, x_tr: torch.Tensor, y_tr: torch.Tensor, x_ref: to
         right_occluded = (model.logits(occluded, batch_size=1024).argmax(1) == c).numpy()
         return {"flip_rate": np.array(flip_rate - base_rate), "accuracy": np.array(right.mean()),
                 "accuracy_occluded": np.array(right_occluded.mean()),
-                "reliance_z": np.array(_mcnemar_z(right, right_occluded))}
+                "reliance_z": np.array(mcnemar_z(right, right_occluded))}
     axis, start = where
     rows = slice(start, start + side) if axis == "rows" else slice(None)
     columns = slice(start, start + side) if axis == "columns" else slice(None)
@@ -271,15 +272,9 @@ def counterfactual_test(model, x_tr: torch.Tensor, y_tr: torch.Tensor, x_ref: to
     labels = torch.unique(y_tr)
     means = torch.stack([pixels_tr[y_tr == c].mean(0) for c in labels])
     return {"accuracy": np.array(right.mean()), "accuracy_occluded": np.array(right_occ.mean()),
-            "reliance_z": np.array(_mcnemar_z(right, right_occ)),
+            "reliance_z": np.array(mcnemar_z(right, right_occ)),
             "readable_train": np.array(float((labels[torch.cdist(pixels_tr, means).argmin(1)] == y_tr).double().mean())),
             "readable_heldout": np.array(float((labels[torch.cdist(pixels_ref, means).argmin(1)] == y_ref).double().mean()))}
-
-
-def _mcnemar_z(before: np.ndarray, after: np.ndarray) -> float:
-    """How significantly `after` is right less often than `before` on the same examples (McNemar, one-sided)."""
-    lost, gained = int((before & ~after).sum()), int((after & ~before).sum())
-    return (lost - gained) / max(lost + gained, 1) ** 0.5
 
 
 def _train_heldout_shift(x_tr, y_tr, x_ref, y_ref, classes: int, regions, side: int) -> np.ndarray:
