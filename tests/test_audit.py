@@ -26,7 +26,7 @@ def test_api_result_matches_files(audited):
     assert result.verdict == "fail" and result.exit_code == 1  # robust accuracy at eps 0.3 is near zero
     # every check runs by default; those that need a training set are skipped with the reason
     assert [c.id for c in result.checks] == brittle.checks.available_checks()
-    assert {c.id for c in result.checks if c.status == "skipped"} == {"attribution", "backdoor", "label_errors", "memorization",
+    assert {c.id for c in result.checks if c.status == "skipped"} == {"attribution", "backdoor", "label_errors", "memorization", "model_diff",
                                                                       "shortcuts"}
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == result.to_json()
