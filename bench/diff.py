@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,6 +42,7 @@ from _planted import split  # noqa: E402
 
 import brittle  # noqa: E402
 from brittle.demo.model import DemoCNN  # noqa: E402
+from brittle.demo.train import train_classifier  # noqa: E402
 from brittle.seeds import seeded_subset  # noqa: E402
 
 
@@ -111,17 +111,8 @@ def fit(x: np.ndarray, y: np.ndarray, *, seed: int, key: str, epochs: int = 6) -
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    torch.manual_seed(seed)
-    model = DemoCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(xs), generator=g).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(xs[idx]), ys[idx]).backward()
-            opt.step()
+    torch.manual_seed(seed)  # the initial weights come from the seed too
+    model = train_classifier(DemoCNN(), x, y, epochs=epochs, lr=1e-3, seed=seed)
     torch.save(model.state_dict(), path)
     return model.eval()
 

@@ -51,18 +51,10 @@ def planted():
 
 def _fit(x, y, *, seed: int) -> nn.Module:
     from brittle.demo.model import DemoCNN
+    from brittle.demo.train import train_classifier
 
-    torch.manual_seed(seed)
-    model = DemoCNN(width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(seed)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(3):
-        for idx in torch.randperm(len(xt), generator=g).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
+    torch.manual_seed(seed)  # the initial weights come from the seed too
+    return train_classifier(DemoCNN(width=8), x, y, epochs=3, seed=seed)
 
 
 def test_residuals_remove_what_the_other_model_shares():

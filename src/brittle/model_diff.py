@@ -26,15 +26,18 @@ Everything is computed on the CPU copy of the attributions; the models run on th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .attribution import attribute_prepared
 from .errors import UsageError
+from .seeds import seeded_subset
 from .stats import mcnemar_z
 
-__all__ = ["Direction", "ModelDiff", "diff", "diff_prepared", "residual_attributions", "distinguishing_directions"]
+__all__ = ["Direction", "ModelDiff", "diff", "diff_prepared", "residual_attributions", "distinguishing_directions",
+           "other_side"]
 
 CONCENTRATION = 3.0  # a window holds a shared feature when its share of the contrast is this many times its area share
 # Stamping must close at least this much more of the owner's logit gap to the class than of the other's (median over
@@ -101,16 +104,17 @@ class ModelDiff:
             test = cf.get("status", "not run")
             if test in ("confirmed", "not confirmed"):
                 test += (f": stamping the shared window closes {cf['gap_closed'][d.owner]:.0%} of {d.owner}'s logit gap "
-                         f"to {d.label} and {cf['gap_closed'][_other(d.owner)]:.0%} of {_other(d.owner)}'s (medians), "
+                         f"to {d.label} and {cf['gap_closed'][other_side(d.owner)]:.0%} of {other_side(d.owner)}'s (medians), "
                          f"z {cf['z']:.1f}; turns {cf['flip_rate'][d.owner]:.1%} vs "
-                         f"{cf['flip_rate'][_other(d.owner)]:.1%} of other classes' inputs")
+                         f"{cf['flip_rate'][other_side(d.owner)]:.1%} of other classes' inputs")
             lines.append(f"  {d.owner}-only direction {d.rank + 1}: variance {d.variance[d.owner]:.3f} ({d.owner}) vs "
-                         f"{d.variance[_other(d.owner)]:.3f}; top training examples {d.train_index[:5]} "
+                         f"{d.variance[other_side(d.owner)]:.3f}; top training examples {d.train_index[:5]} "
                          f"({d.label_share:.0%} labelled {d.label}); {test}")
         return "\n".join(lines)
 
 
-def _other(owner: str) -> str:
+def other_side(owner: str) -> str:
+    """The other model's key: "B" for "A", "A" for "B"."""
     return "B" if owner == "A" else "A"
 
 
@@ -158,7 +162,6 @@ def diff(model, other_model, data, train_data, *, targets: int = 300, directions
     subset); `directions`: distinguishing directions per model; `top`: training examples listed per direction."""
     from .config import as_config
     from .prepare import prepare_data, prepare_model, prepare_other_model
-    from .seeds import seeded_subset
 
     cfg = as_config(config)
     first = prepare_model(model, cfg)
@@ -176,10 +179,6 @@ def diff_prepared(a, b, test, train, *, targets: int = 300, directions: int = 3,
                   store=None) -> ModelDiff:
     """The work of `diff` on prepared adapters and datasets (the model_diff check passes its context's
     `map_shards`, so A's featurisation runs as resumable shards; `store` keeps B's features for a resumed run)."""
-    from pathlib import Path
-
-    from .seeds import seeded_subset
-
     if test.y is None or train.y is None:
         raise UsageError("A model diff needs labels in the audit data and in the training data (the attributions "
                          "are of each model's margin on the labelled class).")
@@ -212,7 +211,7 @@ def diff_prepared(a, b, test, train, *, targets: int = 300, directions: int = 3,
     train_pos = train.positions(np.arange(len(train)))
     found = []
     for owner in ("A", "B"):
-        s_own, s_other = scores[owner].scores, scores[_other(owner)].scores
+        s_own, s_other = scores[owner].scores, scores[other_side(owner)].scores
         k = min(directions, len(rows) - 1)
         dirs, loadings, var_own, var_other = distinguishing_directions(s_own, s_other, k)
         for rank, v in enumerate(dirs):
@@ -222,7 +221,7 @@ def diff_prepared(a, b, test, train, *, targets: int = 300, directions: int = 3,
             loading = loadings[:, rank]
             lead = np.argsort(-loading)[:min(len(rows), max(top, 10))]
             found.append(Direction(
-                owner, rank, {owner: float(var_own[rank]), _other(owner): float(var_other[rank])},
+                owner, rank, {owner: float(var_own[rank]), other_side(owner): float(var_other[rank])},
                 train_pos[heavy].tolist(), v[heavy].tolist(), labels.tolist(),
                 points.positions(lead).tolist(), loading[lead].tolist(), label, float((labels == label).mean()),
                 {m: float(right[m][rows[lead]].mean()) for m in ("A", "B")},
@@ -284,7 +283,7 @@ def counterfactual_test(models: dict, owner: str, train, heavy: np.ndarray, labe
         closed[key] = _gap_closed(before, after, label)
         flip[key] = float((after.argmax(1) == label).double().mean() - (before.argmax(1) == label).double().mean())
         drop[key] = float((torch.softmax(m.logits(top), 1)[:, label] - torch.softmax(m.logits(removed), 1)[:, label]).mean())
-    other = _other(owner)
+    other = other_side(owner)
     usable = np.isfinite(closed[owner]) & np.isfinite(closed[other])  # inputs neither model already gave the class
     excess = closed[owner][usable] - closed[other][usable]
     effect = float(np.median(excess)) if usable.any() else 0.0

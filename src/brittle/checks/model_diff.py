@@ -13,7 +13,7 @@ from html import escape
 import numpy as np
 from pydantic import Field
 
-from ..model_diff import SHOWN, diff_prepared
+from ..model_diff import SHOWN, diff_prepared, other_side
 from ..render import class_label, gallery
 from ..result import CheckResult, Finding
 from ..seeds import seeded_subset
@@ -87,7 +87,7 @@ class ModelDiffCheck(Check):
         findings = []
         for d in result.confirmed:
             cf, owner = d.counterfactual, d.owner
-            other_key = "B" if owner == "A" else "A"
+            other_key = other_side(owner)
             i, j, side = cf["window"]
             findings.append(Finding(
                 "model_diff.distinguishing-feature", "medium",
@@ -140,7 +140,7 @@ def render_diff(d: dict, arrays: dict, audit) -> str:
                f"<th>accuracy A</th><th>accuracy B</th><th>disagreement</th></tr>{rows}</table>")
     for k, dr in enumerate(d.get("directions") or []):
         owner = dr["owner"]
-        other = "B" if owner == "A" else "A"
+        other = other_side(owner)
         cf = dr.get("counterfactual") or {}
         if cf.get("status") in ("confirmed", "not confirmed"):
             test = (f"counterfactual: {cf['status']}; stamping the window (row {cf['window'][0]}, column "
