@@ -76,7 +76,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--autoattack-src", default=os.environ.get("BRITTLE_AUTOATTACK_SRC"),
                     help="a source checkout of fra31/auto-attack (the folder holding autoattack/)")
-    ap.add_argument("--half", choices=["design", "held-out", "all"], default="design")
+    ap.add_argument("--half", choices=["design", "held-out", "held-out-2", "held-out-3", "all"], default="design")
     ap.add_argument("--n", type=int, default=200, help="test points per model")
     ap.add_argument("--only", help="comma-separated model names (substrings) to run")
     ap.add_argument("--options", default="{}", help="JSON: options for brittle's [adversarial] table")

@@ -142,3 +142,18 @@ def test_the_report_marks_memorised_examples_that_label_errors_flagged(tmp_path)
     marked = [i for i in shown if f"train #{i}: labelled" in html and i in flagged]
     assert "flagged by the label_errors check" in html and marked  # the two checks' verdicts meet in the report
     assert all(f"train #{i}: labelled" in html for i in shown)
+
+
+def test_reference_models_are_reused_from_the_cache_by_an_audit_of_another_model(tmp_path):
+    """Reference models do not depend on the audited model: a second audit (another model of the same recipe)
+    reads them from `reference_cache`; another seed of the audit trains new ones."""
+    x_tr, y_tr, x_te, y_te, _ = _digits()
+    cfg = {"memorization": {"reference_models": 4, "proj_dim": 64, "members": 100, "non_members": 100,
+                            "train_fn": "tests.test_memorization:train_regularised",
+                            "reference_cache": str(tmp_path / "reference")}}
+    runs = [brittle.audit(train_regularised(x_tr, y_tr, seed=s), (x_te, y_te), train_data=(x_tr, y_tr),
+                          checks=["memorization"], config={**cfg, "seed": audit_seed})["memorization"]
+            for s, audit_seed in ((0, 0), (1, 0), (1, 1))]
+    assert [r.details["reference_models_reused"] for r in runs] == [0, 4, 0]
+    assert len(list((tmp_path / "reference").glob("*.npz"))) == 8
+    assert runs[0].details["attacks"]["lira_online"] != runs[1].details["attacks"]["lira_online"]  # other targets

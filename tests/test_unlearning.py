@@ -11,6 +11,7 @@ from torch import nn
 from brittle.cli import main
 from brittle.errors import UsageError
 from brittle.unlearning import unlearn_check
+from tests import test_memorization
 from tests.test_memorization import _digits, train_overfit
 
 TRAIN_FN = "tests.test_memorization:train_overfit"
@@ -33,14 +34,25 @@ def _gradient_ascent(model: nn.Module, x, y, steps: int = 5, lr: float = 1e-3) -
     return model.eval()
 
 
-def test_retrained_is_forgotten_and_the_original_is_not(split):
+def test_retrained_is_forgotten_and_the_original_is_not(split, tmp_path, monkeypatch):
     forget, retain, test = split
     retrained = train_overfit(*retain, seed=123)  # a seed none of the reference models uses
     original = train_overfit(np.concatenate([retain[0], forget[0]]), np.concatenate([retain[1], forget[1]]), seed=0)
-    ok = unlearn_check(retrained, forget, retain, test, train_fn=TRAIN_FN, reference_models=4)
+    trained = []
+
+    def counting(x, y, *, seed):
+        trained.append(seed)
+        return train_overfit(x, y, seed=seed)
+
+    monkeypatch.setattr(test_memorization, "train_overfit", counting)
+    cache = str(tmp_path / "reference")
+    ok = unlearn_check(retrained, forget, retain, test, train_fn=TRAIN_FN, reference_models=4, reference_cache=cache)
     assert ok.verdict == "forgotten", ok.summary()
     assert ok.ks_p_value >= 0.05 and ok.membership_p_value >= 0.05
-    bad = unlearn_check(original, forget, retain, test, train_fn=TRAIN_FN, reference_models=4)
+    assert len(trained) == 4
+    # The second model is judged against the same retrained models: read from the cache, not trained again.
+    bad = unlearn_check(original, forget, retain, test, train_fn=TRAIN_FN, reference_models=4, reference_cache=cache)
+    assert len(trained) == 4
     assert bad.verdict == "not forgotten", bad.summary()
     assert bad.forget_confidence > bad.retrained_forget_confidence
     assert bad.membership_auc > 0.6 and bad.membership_p_value < 0.05 and bad.ks_p_value < 0.05

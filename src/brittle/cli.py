@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--train-fn", required=True, help="'package.module:function' called as fn(x, y, seed=...), "
                    "returning a trained model that takes the inputs as this one does")
     u.add_argument("--reference-models", type=int, default=4, help="models retrained without the forget set (default 4)")
+    u.add_argument("--reference-cache", help="a folder that keeps the retrained models (their logits) by what determines "
+                   "them, so that checking another model against the same forget set does not retrain")
     u.add_argument("--alpha", type=float, default=0.05, help="significance level of the tests (default 0.05)")
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--out", help="write the result as JSON here")
@@ -319,7 +321,7 @@ def _cmd_unlearn_check(args, progress: Progress) -> int:
 
     result = unlearn_check(None, args.forget, args.retain, args.data, train_fn=args.train_fn,
                            reference_models=args.reference_models, seed=args.seed, alpha=args.alpha,
-                           config=_config_from_args(args), progress=progress)
+                           config=_config_from_args(args), progress=progress, reference_cache=args.reference_cache)
     _emit(result.to_json(), result.summary(), args)
     # As for audit: 0 the claim holds (forgotten), 1 it does not or cannot be shown.
     return EXIT_PASS if result.verdict == "forgotten" else EXIT_GATE_FAILED

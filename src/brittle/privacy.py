@@ -19,10 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
-__all__ = ["logit_confidence", "lira_offline", "lira_online", "roc", "Roc", "memorisation", "reference_model_logits"]
+__all__ = ["logit_confidence", "lira_offline", "lira_online", "roc", "Roc", "memorisation"]
 
 FPRS = (0.001, 0.01)  # the false-positive rates TPR is reported at
 PER_EXAMPLE_VARIANCE = 16  # models on each side before each example gets its own variance
@@ -112,12 +111,3 @@ def memorisation(reference_phi: np.ndarray, included: np.ndarray) -> np.ndarray:
     m_in = np.where(n_in > 0, (reference_phi * inc).sum(0) / np.maximum(n_in, 1), np.nan)
     m_out = np.where(n_out > 0, (reference_phi * ~inc).sum(0) / np.maximum(n_out, 1), np.nan)
     return m_in - m_out
-
-
-def reference_model_logits(model, x: torch.Tensor, y: torch.Tensor, train_fn: str, fit: np.ndarray,
-                           seed: int) -> dict[str, np.ndarray]:
-    """One reference model (a shard task): the user's train function on the rows `fit`, its logits on every row."""
-    from .loading.models import train_and_predict
-
-    logits = train_and_predict(train_fn, x, y, fit, np.arange(len(x)), seed).float()
-    return {"logits": logits.numpy(), "passes": np.array([0, 0])}

@@ -27,7 +27,8 @@ import torch
 
 from .drift import ks_2samp
 from .errors import UsageError
-from .privacy import lira_offline, logit_confidence, reference_model_logits
+from .privacy import lira_offline, logit_confidence
+from .reference_models import reference_model_logits
 
 __all__ = ["UnlearnResult", "unlearn_check", "compare_with_retrained"]
 
@@ -131,10 +132,12 @@ def compare_with_retrained(unlearned_logits: dict[str, np.ndarray], retrained_lo
 
 
 def unlearn_check(model, forget, retain, data, *, train_fn: str, reference_models: int = 4, seed: int = 0,
-                  alpha: float = 0.05, config=None, progress=None) -> UnlearnResult:
+                  alpha: float = 0.05, config=None, progress=None, reference_cache: str | None = None) -> UnlearnResult:
     """Whether `model` (the unlearned model) has forgotten `forget`: against `reference_models` models trained
     through `train_fn` ('package.module:function', called as fn(x, y, seed=...)) on `retain`, judged on the forget
-    set and on held-out `data`. Inputs as `brittle.audit` takes them (paths, modules, arrays)."""
+    set and on held-out `data`. Inputs as `brittle.audit` takes them (paths, modules, arrays). With
+    `reference_cache` (a folder), retrained models are kept there and reused by the next check of the same request
+    (another unlearning method's model, say)."""
     from ._progress import Progress
     from .config import as_config
     from .loading.models import import_callable
@@ -164,7 +167,8 @@ def unlearn_check(model, forget, retain, data, *, train_fn: str, reference_model
     retrained = []
     for m in range(reference_models):
         retrained.append(reference_model_logits(None, x, y, train_fn, retain_rows,
-                                                derive_seed(seed, "unlearn-check", "model", m))["logits"])
+                                                derive_seed(seed, "unlearn-check", "model", m),
+                                                reference_cache)["logits"])
         progress.advance()
     progress.finish()
     retrained = np.stack(retrained)

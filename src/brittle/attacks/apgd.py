@@ -102,6 +102,7 @@ def apgd_run(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
         late = loss_at_late if loss_at_late is not None else best_loss
         trace["late_gain"] = best_loss - late
         trace["total_gain"] = best_loss - start_loss
+        trace["best_loss"] = best_loss
     return x_adv, adv_margin
 
 

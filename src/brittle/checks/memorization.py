@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..privacy import lira_offline, lira_online, logit_confidence, memorisation, reference_model_logits, roc
+from ..privacy import lira_offline, lira_online, logit_confidence, memorisation, roc
+from ..reference_models import reference_model_logits
 from ..render import class_label, gallery, line_chart
 from ..result import CheckResult, Finding
 from ..seeds import derive_seed, rng as seeded_rng, seeded_subset
@@ -36,6 +37,9 @@ class MemorizationOptions(CheckOptions):
                                  "and returns a model that takes the inputs as the audited model does. Enables LiRA "
                                  "and memorisation scores from reference models")
     reference_models: int = Field(8, ge=2, le=256, description="K reference models, each on a random half of the pool")
+    reference_cache: str | None = Field(None, description="a folder where reference models are kept (their logits) by "
+                                        "what determines them: an audit of another model trained the same way on the "
+                                        "same data reuses them instead of retraining")
     proj_dim: int = Field(512, ge=16, description="projection of the TRAK self-influence proxy")
     leak_tpr: float = Field(0.05, gt=0, le=1, description="TPR at 1% FPR of the strongest attack at or above this "
                             "(5x a guess) is a finding; high at 4x this")
@@ -57,7 +61,9 @@ class Memorization(Check):
         "strongest": (str, "the attack the metrics come from (the highest TPR at 1% FPR)"),
         "roc": (dict[str, dict], "per attack: fpr and tpr on a log grid, for the log-log ROC"),
         "members": (int, "training examples scored"), "non_members": (int, "audit examples scored"),
-        "reference_models": (int, "reference models trained (0: none)"), "train_fn": (str | None, "the train function"),
+        "reference_models": (int, "reference models used (0: none)"),
+        "reference_models_reused": (int, "of those, read from `reference_cache` instead of trained"),
+        "train_fn": (str | None, "the train function"),
         "memorisation_source": (str, "reference models (in-out confidence) or TRAK self-influence"),
         "proxy_agreement": (float | None, "Spearman rank correlation of TRAK self-influence with the reference "
                             "models' memorisation, where both ran"),
@@ -101,10 +107,10 @@ class Memorization(Check):
         phi = logit_confidence(ctx.model.logits(x).numpy(), y.numpy())
         scores = {"population": phi}
         reference = self._reference_models(ctx, x, y) if o.train_fn else None
-        memo, source, agreement = None, "TRAK self-influence", None
+        memo, source, agreement, reused = None, "TRAK self-influence", None, 0
         self_influence = self._self_influence(ctx, x[: len(mem)], y[: len(mem)])
         if reference is not None:
-            ref_phi, included = reference
+            ref_phi, included, reused = reference
             scores["lira_offline"] = lira_offline(phi, ref_phi, included)
             scores["lira_online"] = lira_online(phi, ref_phi, included)
             memo = memorisation(ref_phi, included)[: len(mem)]
@@ -129,6 +135,7 @@ class Memorization(Check):
         details = {"attacks": {k: r.summary() for k, r in rocs.items()}, "strongest": strongest,
                    "roc": {k: _log_grid(r) for k, r in rocs.items()}, "members": len(mem), "non_members": len(non),
                    "reference_models": o.reference_models if reference is not None else 0, "train_fn": o.train_fn,
+                   "reference_models_reused": reused,
                    "memorisation_source": source if memo is not None else "none", "proxy_agreement": agreement,
                    "fpr_resolution": 1.0 / len(non), "class_names": names}
         arrays = {"member_index": train.positions(mem), "non_member_index": data.positions(non),
@@ -144,7 +151,7 @@ class Memorization(Check):
                    "membership_auc": best.auc, "population_tpr_1pct_fpr": rocs["population"].tpr_at[0.01]}
         return CheckResult(self.id, status_from_findings(findings), metrics, findings, details, arrays)
 
-    def _reference_models(self, ctx: AuditContext, x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _reference_models(self, ctx: AuditContext, x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
         """K models through the user's train function, each on a random half of the pool; every example is in
         exactly half of them (LiRA's balanced design: each example has as many "in" as "out" models)."""
         from ..loading.models import import_callable
@@ -154,12 +161,13 @@ class Memorization(Check):
         g = seeded_rng(ctx.seed, self.id, "halves")
         k, n = o.reference_models, len(x)
         included = np.argsort(g.random((k, n)), axis=0) < k // 2  # per example, a random half of the models
-        tasks = [(f"{m:03d}", (o.train_fn, np.flatnonzero(included[m]), derive_seed(ctx.seed, self.id, "model", m)))
-                 for m in range(k)]
+        tasks = [(f"{m:03d}", (o.train_fn, np.flatnonzero(included[m]), derive_seed(ctx.seed, self.id, "model", m),
+                               o.reference_cache)) for m in range(k)]
         outs = ctx.map_shards("reference", reference_model_logits, tasks, shared=(x, y),
                               label=f"memorization: {k} reference models through {o.train_fn}")
         logits = np.stack([r["logits"] for r in outs])
-        return logit_confidence(logits, y.numpy()), included
+        reused = int(sum(bool(r.get("cached", False)) for r in outs))
+        return logit_confidence(logits, y.numpy()), included, reused
 
     def _self_influence(self, ctx: AuditContext, x: torch.Tensor, y: torch.Tensor) -> np.ndarray | None:
         from ..attribution import Trak, featurize
