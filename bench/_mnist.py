@@ -20,6 +20,18 @@ from brittle.demo.model import DemoCNN
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
+def cached_model(name: str, model: nn.Module, train) -> nn.Module:
+    """`model` with the weights cached as CACHE/name, or, the first time, `train()`'s model (then cached)."""
+    CACHE.mkdir(exist_ok=True)
+    path = CACHE / name
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    model = train()
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
 def split(seed: int = 0):
     x, y = mnist_5k()
     order = np.random.default_rng(seed).permutation(len(x))

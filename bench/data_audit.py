@@ -33,24 +33,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _planted as planted  # noqa: E402
+from _mnist import cached_model  # noqa: E402
 
 import brittle  # noqa: E402
 from brittle.demo.model import DemoCNN  # noqa: E402
 from brittle.demo.train import train_classifier  # noqa: E402
 
-CACHE = Path(__file__).resolve().parent / ".cache"
-
 
 def trained(name: str, x: np.ndarray, y: np.ndarray, seed: int = 0) -> torch.nn.Module:
-    CACHE.mkdir(exist_ok=True)
-    path = CACHE / f"data_{name}_s{seed}.pt"
     model = DemoCNN()
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    train_classifier(model, x, y, epochs=4, seed=seed)
-    torch.save(model.state_dict(), path)
-    return model.eval()
+    return cached_model(f"data_{name}_s{seed}.pt", model, lambda: train_classifier(model, x, y, epochs=4, seed=seed))
 
 
 def score(flagged: np.ndarray, truth: np.ndarray) -> dict:

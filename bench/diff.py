@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _mnist import CACHE  # noqa: E402
+from _mnist import cached_model  # noqa: E402
 from _planted import split  # noqa: E402
 
 import brittle  # noqa: E402
@@ -105,16 +105,11 @@ def plant(case: Case):
 
 
 def fit(x: np.ndarray, y: np.ndarray, *, seed: int, key: str, epochs: int = 6) -> torch.nn.Module:
-    CACHE.mkdir(exist_ok=True)
-    path = CACHE / f"diff_{key}.pt"
-    model = DemoCNN()
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    torch.manual_seed(seed)  # the initial weights come from the seed too
-    model = train_classifier(DemoCNN(), x, y, epochs=epochs, lr=1e-3, seed=seed)
-    torch.save(model.state_dict(), path)
-    return model.eval()
+    def train() -> torch.nn.Module:
+        torch.manual_seed(seed)  # the initial weights come from the seed too
+        return train_classifier(DemoCNN(), x, y, epochs=epochs, lr=1e-3, seed=seed)
+
+    return cached_model(f"diff_{key}.pt", DemoCNN(), train)
 
 
 def models_for(case: Case):

@@ -247,3 +247,15 @@ def test_budgets_map_to_documented_plans_and_explicit_options_win(tiny_model, bl
     assert thorough["robust_accuracy"] <= fast["robust_accuracy"]
     assert (thorough["forward_passes_per_point"] + thorough["backward_passes_per_point"]
             > fast["forward_passes_per_point"] + fast["backward_passes_per_point"])
+
+
+def test_every_attack_class_is_registered_under_its_own_name():
+    from brittle.attacks import ATTACKS as REGISTRY, Attack
+
+    assert REGISTRY["apgd-t"] is APGDTargeted and REGISTRY["target-search"] is TargetSearch
+    with pytest.raises(TypeError, match="is taken by APGD"):
+        class Twin(Attack):  # noqa: F841
+            name = "apgd"
+
+            def perturb(self, model, x, y, *, generator, trace=None):
+                return x

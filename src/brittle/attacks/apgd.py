@@ -19,7 +19,7 @@ from .geometry import project, random_start
 from .losses import LOSSES, dlr_targeted_loss, margin
 from .pgd import ascent_direction
 
-__all__ = ["APGD", "APGDTargeted", "apgd_checkpoints"]
+__all__ = ["APGD", "APGDTargeted", "apgd_checkpoints", "targeted_run"]
 
 LossOnSubset = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch indices) -> loss
 
@@ -115,6 +115,21 @@ def _record(trace: dict | None, run: dict, idx: torch.Tensor, n: int) -> None:
         full[idx] = values.float()
 
 
+def targeted_run(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor,
+                 best: torch.Tensor, best_margin: torch.Tensor, *, eps: float, norm: str, steps: int,
+                 generator: torch.Generator, give_up: tuple[int, float] | None = None,
+                 trace: dict | None = None) -> torch.Tensor:
+    """One targeted APGD-DLR run on the points `idx` (one target each), folded into the running `best` examples
+    and `best_margin` in place; its diagnostics go into `trace`. Returns each point's best targeted loss."""
+    ys, run = y[idx], {}
+    xa, m = apgd_run(model, x[idx], ys, lambda z, i: dlr_targeted_loss(z, ys[i], targets[i]), eps=eps, norm=norm,
+                     steps=steps, generator=generator, trace=run, give_up=give_up)
+    _record(trace, run, idx, len(x))
+    better = m < best_margin[idx]
+    best[idx[better]], best_margin[idx[better]] = xa[better], m[better]
+    return run["best_loss"]
+
+
 class APGD(Attack):
     """Untargeted APGD with loss 'ce', 'dlr' or 'margin'."""
 
@@ -159,41 +174,30 @@ class APGDTargeted(Attack):
 
     name = "apgd-t"
 
-    def __init__(self, *, norm: str = "Linf", eps: float, steps: int = 100, n_targets: int = 3, skip_targets: int = 0,
+    def __init__(self, *, norm: str = "Linf", eps: float, steps: int = 100, n_targets: int = 3,
                  give_up: tuple[float, float] | None = None):
         super().__init__(norm=norm, eps=eps)
         # give_up = (fraction of steps, targeted-DLR loss): points still below that loss then are dropped.
         self.give_up = give_up
-        if steps < 1 or n_targets < 1 or skip_targets < 0:
-            raise ValueError(f"APGDTargeted needs steps >= 1, n_targets >= 1, skip_targets >= 0; got {steps}, "
-                             f"{n_targets}, {skip_targets}.")
-        # skip_targets: start at the (k+1)-th highest class, for a short sweep after a long run on the top ones.
-        self.steps, self.n_targets, self.skip_targets = int(steps), int(n_targets), int(skip_targets)
+        if steps < 1 or n_targets < 1:
+            raise ValueError(f"APGDTargeted needs steps >= 1 and n_targets >= 1; got {steps}, {n_targets}.")
+        self.steps, self.n_targets = int(steps), int(n_targets)
 
     targeted = True
-
-    @property
-    def label(self) -> str:
-        return "apgd-t-sweep" if self.skip_targets else "apgd-t"
 
     def perturb(self, model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator,
                 trace: dict | None = None) -> torch.Tensor:
         logits = model.logits(x)
         ranked = logits.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
         best, best_margin = x.clone(), torch.full((len(x),), float("inf"), device=x.device)
-        for t in range(self.skip_targets, min(self.skip_targets + self.n_targets, logits.shape[1] - 1)):
+        for t in range(min(self.n_targets, logits.shape[1] - 1)):
             idx = (best_margin >= 0).nonzero().squeeze(1)
             if len(idx) == 0:
                 break
-            ys, ts, run = y[idx], ranked[idx, t], {}
-            xa, m = apgd_run(model, x[idx], ys, lambda z, i: dlr_targeted_loss(z, ys[i], ts[i]), eps=self.eps,
-                             norm=self.norm, steps=self.steps, generator=generator, trace=run,
-                             give_up=None if self.give_up is None else (int(self.give_up[0] * self.steps), self.give_up[1]))
-            _record(trace, run, idx, len(x))
-            better = m < best_margin[idx]
-            best[idx[better]], best_margin[idx[better]] = xa[better], m[better]
+            give_up = None if self.give_up is None else (int(self.give_up[0] * self.steps), self.give_up[1])
+            targeted_run(model, x, y, idx, ranked[idx, t], best, best_margin, eps=self.eps, norm=self.norm,
+                         steps=self.steps, generator=generator, give_up=give_up, trace=trace)
         return best
 
     def __repr__(self) -> str:
-        skip = f", skip_targets={self.skip_targets}" if self.skip_targets else ""
-        return f"APGDTargeted(norm={self.norm!r}, eps={self.eps:g}, steps={self.steps}, n_targets={self.n_targets}{skip})"
+        return f"APGDTargeted(norm={self.norm!r}, eps={self.eps:g}, steps={self.steps}, n_targets={self.n_targets})"

@@ -37,6 +37,8 @@ class Attack(ABC):
         bad = [n for n in cls.norms if n not in NORMS]
         if bad:
             raise TypeError(f"{cls.__name__}.norms has unknown norms {bad}; known: {list(NORMS)}")
+        if cls.name in ATTACKS and ATTACKS[cls.name].__qualname__ != cls.__qualname__:
+            raise TypeError(f"{cls.__name__}.name {cls.name!r} is taken by {ATTACKS[cls.name].__name__}")
         ATTACKS[cls.name] = cls
 
     def __init__(self, *, norm: str = "Linf", eps: float):

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..model import ModelAdapter
-from .apgd import _record, apgd_run
+from .apgd import targeted_run
 from .base import Attack
-from .losses import dlr_targeted_loss
 
 __all__ = ["TargetSearch"]
 
@@ -40,7 +39,7 @@ class TargetSearch(Attack):
       far; `near_restarts` more on the points whose best run ended within `NEAR_LOSS` of the boundary.
     """
 
-    name = "apgd-t"
+    name = "target-search"
     targeted = True
 
     def __init__(self, *, norm: str = "Linf", eps: float, steps: int = 100, sweep_steps: int = 10, n_targets: int = 3,
@@ -71,15 +70,9 @@ class TargetSearch(Attack):
         promise = torch.full((n, c - 1), float("-inf"), device=x.device)
 
         def run(idx, targets, steps, give_up, record):
-            ys, ts, out = y[idx], targets, {}
-            xa, m = apgd_run(model, x[idx], ys, lambda z, i: dlr_targeted_loss(z, ys[i], ts[i]), eps=self.eps,
-                             norm=self.norm, steps=steps, generator=generator, trace=out,
-                             give_up=None if give_up is None else (max(1, int(give_up[0] * steps)), give_up[1]))
-            better = m < best_margin[idx]
-            best[idx[better]], best_margin[idx[better]] = xa[better], m[better]
-            if record:
-                _record(trace, {k: v for k, v in out.items() if k != "best_loss"}, idx, n)
-            return out["best_loss"]
+            return targeted_run(model, x, y, idx, targets, best, best_margin, eps=self.eps, norm=self.norm, steps=steps,
+                                generator=generator, trace=trace if record else None,
+                                give_up=None if give_up is None else (max(1, int(give_up[0] * steps)), give_up[1]))
 
         if self.sweep_steps:
             sweep_give_up = None if self.give_up_loss is None else (0.5, self.give_up_loss)
@@ -118,6 +111,10 @@ class TargetSearch(Attack):
             loss = run(idx, ranked[idx, pick], self.steps, restart_give_up, record=True)
             reached[idx, pick] = torch.maximum(reached[idx, pick], loss)
         return best
+
+    @property
+    def label(self) -> str:
+        return "apgd-t"  # what reports call targeted APGD-DLR, whichever way its targets were chosen
 
     def __repr__(self) -> str:
         return (f"TargetSearch(norm={self.norm!r}, eps={self.eps:g}, steps={self.steps}, "
