@@ -104,7 +104,7 @@ def smallest_margins(model, x, y, eps, norm, box, steps=100):
     return found
 
 
-def run_model(title, factory, seed, linf, l2, x, y, points, alpha_points, rows, sound, methods=METHODS):
+def run_model(title, factory, seed, linf, l2, x, y, points, alpha_points, rows, sound, methods=METHODS, balls=()):
     from auto_LiRPA import BoundedModule
 
     model, _ = trained(factory, "standard", 3, lr=1e-3, seed=seed)
@@ -128,6 +128,8 @@ def run_model(title, factory, seed, linf, l2, x, y, points, alpha_points, rows, 
         ours(net, method, x[:2], y[:2], linf[0], "Linf", (0.0, 1.0))
         theirs(bounded, method, x[:2], y[:2], linf[0], "Linf", (0.0, 1.0))
     for norm, eps in [("Linf", e) for e in linf] + [("L2", l2)]:
+        if balls and f"{norm} {eps:g}" not in balls:
+            continue
         box = (0.0, 1.0) if norm == "Linf" else (-float("inf"), float("inf"))
         worst = smallest_margins(model, x, y, eps, norm, box)
         for method in methods:
@@ -170,6 +172,8 @@ def main():
     ap.add_argument("--half", choices=["design", "held-out", "both"], default="both")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: " + ", ".join(MODELS))
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--balls", default="", help='comma-separated subset of the balls, e.g. "Linf 0.002,L2 0.1" '
+                    "(default: all four)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     args = ap.parse_args()
     sys.path.insert(0, str(Path(args.lirpa_src).resolve()))
@@ -186,7 +190,8 @@ def main():
         for title in args.models.split(","):
             factory, linf, l2 = MODELS[title]
             run_model(title, factory, seed, linf, l2, x, y, args.points, args.alpha_points, rows, sound,
-                      [m for m in METHODS if m in args.methods.split(",")])
+                      [m for m in METHODS if m in args.methods.split(",")],
+                      [b.strip() for b in args.balls.split(",") if b.strip()])
     print("\n## Summary per half\n")
     print("| half | method | max abs diff | mean diff (brittle - auto_LiRPA) | certified brittle - auto_LiRPA (worst) "
           "| CPU brittle / auto_LiRPA (total) | worst ratio |")

@@ -453,3 +453,92 @@ def test_a_batchnormed_layers_rows_give_the_same_bounds_as_the_dense_path(monkey
     monkeypatch.setattr(Problem, "_rows_of", lambda self, p, cols: (p, None))
     dense = crown_margins(net, x, y, 0.08, (0.0, 1.0))
     assert torch.allclose(fast, dense, atol=1e-5)
+
+
+class _Windows(nn.Module):
+    """Every operation the window path of CROWN reads: strided, dilated, grouped and padded convolutions, BatchNorm,
+    a residual block with a strided 1x1 shortcut, MaxPool with padding, average pooling, LeakyReLU / Tanh /
+    Sigmoid, and windows that outgrow the image (a deep branch on a small input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.a1, self.bn = nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4)
+        self.a2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2)
+        self.short = nn.Conv2d(4, 4, 1, stride=2)
+        # a deep branch through one channel (the fold path of a transposed convolution), dilated
+        self.deep = nn.Sequential(nn.Conv2d(4, 1, 5, padding=2), nn.Tanh(), nn.Conv2d(1, 4, 3, padding=2, dilation=2))
+        self.pool, self.post, self.avg = nn.MaxPool2d(3, stride=2, padding=1), nn.Conv2d(4, 4, 1), nn.AvgPool2d(2)
+        self.head = nn.Linear(4 + 4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.short(h) + self.a2(nn.functional.leaky_relu(self.bn(self.a1(h)), 0.1)))
+        h = torch.sigmoid(h + self.deep(h))
+        h = torch.relu(self.post(self.pool(h)))
+        return self.head(torch.cat([self.avg(h).flatten(1), h.mean((2, 3))], 1))
+
+
+@pytest.mark.parametrize("unfold_ratio", [4, 0])  # relaxations read by unfolding (small images) or by indexing
+def test_crowns_window_path_gives_the_dense_paths_bounds(monkeypatch, unfold_ratio):
+    """Convolution neurons are bounded on windows (linear.py -> window.py); the dense path is the reference. In
+    float64, so that no float noise flips a MaxPool's window choice between the two."""
+    import brittle.certify.linear as linear
+    import brittle.certify.window as window
+    from brittle.certify import network_from_module
+
+    monkeypatch.setattr(window, "UNFOLD_RATIO", unfold_ratio)
+    torch.manual_seed(0)
+    module = _Windows()
+    with torch.no_grad():
+        module.bn.running_mean.uniform_(-0.2, 0.2)
+        module.bn.running_var.uniform_(0.5, 2.0)
+    module = module.double().eval()
+    x = torch.rand(5, 2, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y = module(x).argmax(1)
+    net = network_from_module(module, torch.tensor([0.4, 0.5]), torch.tensor([0.3, 0.25]), example=x)
+    value = interval_pass(net, x, x)[net.output][0]  # the graph as read computes the model (normalised input)
+    assert torch.allclose(value, module((x - torch.tensor([0.4, 0.5]).view(1, 2, 1, 1).double())
+                                        / torch.tensor([0.3, 0.25]).view(1, 2, 1, 1).double()), atol=1e-10)
+    used = []
+    original = linear.window_bounds
+    monkeypatch.setattr(linear, "window_bounds", lambda *a, **k: used.append(a[1]) or original(*a, **k))
+    for norm, eps in (("Linf", 0.03), ("L2", 0.2)):
+        windowed, state = crown_margins(net, x, y, eps, (0.0, 1.0), norm=norm, return_state=True)
+        with monkeypatch.context() as m:
+            m.setattr(linear, "windowable", lambda net, p: False)
+            dense, reference = crown_margins(net, x, y, eps, (0.0, 1.0), norm=norm, return_state=True)
+        for p, (lo, hi) in reference.pre.items():
+            assert torch.allclose(state.pre[p][0], lo, atol=1e-9) and torch.allclose(state.pre[p][1], hi, atol=1e-9)
+        assert torch.allclose(windowed, dense, atol=1e-9)
+        if norm == "Linf" and unfold_ratio:
+            # alpha-CROWN too: its optimised slopes read at the windows, and its optimisation started from the same
+            # kept bounds (the same ties) whichever path computed them
+            alpha = alpha_crown_margins(net, x[:3], y[:3], eps, (0.0, 1.0), norm=norm, steps=3)
+            with monkeypatch.context() as m:
+                m.setattr(linear, "windowable", lambda net, p: False)
+                alpha_dense = alpha_crown_margins(net, x[:3], y[:3], eps, (0.0, 1.0), norm=norm, steps=3)
+            assert torch.allclose(alpha, alpha_dense, atol=1e-7)
+    assert len(set(used)) >= 4  # the stem, the block, the deep branch and the pooled layer went through windows
+
+
+@pytest.mark.parametrize("pool, as_conv", [
+    (nn.AvgPool2d(3, stride=2, padding=1), True),
+    (nn.AdaptiveAvgPool2d(3), True),
+    (nn.AdaptiveAvgPool2d((2, None)), True),
+    (nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), False),  # the mean's divisor varies at the edge
+    (nn.AdaptiveAvgPool2d(4), False),  # 6 does not split evenly into 4
+])
+def test_average_pooling_is_read_as_a_convolution_only_where_it_is_one(pool, as_conv):
+    from brittle.certify import network_from_module
+
+    module = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), pool, nn.Flatten()).eval()
+    x = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(7))
+    net = network_from_module(module, example=x)
+    node = next(n for n in net.nodes if n.name == "_2")  # the pooling
+    assert (node.params.get("kind") == "conv") == as_conv
+    assert torch.allclose(interval_pass(net, x, x)[net.output][0], module(x), atol=1e-6)
+    lo, hi = interval_pass(net, x - 0.1, x + 0.1)[net.output]  # the pooled intervals contain sampled values
+    for _ in range(20):
+        out = module((x + (torch.rand_like(x) * 0.2 - 0.1))).detach()
+        assert (out >= lo - 1e-6).all() and (out <= hi + 1e-6).all()

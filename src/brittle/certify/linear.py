@@ -9,7 +9,8 @@ Intermediate bounds: every nonlinear node needs bounds on its input. They are co
 each by CROWN from that node back to the input (so affine layers before the first nonlinearity compose exactly
 rather than being bounded layer by layer) and intersected with interval bounds. Only neurons that could change
 the relaxation are bounded by CROWN (a ReLU neuron whose interval is on one side of zero is exact already);
-they are batched as (input, neuron) pairs across the whole batch.
+they are batched as (input, neuron) pairs across the whole batch. A convolution neuron's coefficients are carried
+on its receptive field only (window.py) when every operation on its way back to the input allows it.
 
 alpha-CROWN optimises the lower slopes of ReLU and LeakyReLU relaxations (any slope in the valid range is
 sound, so every iterate's bound is a certificate): one slope set per margin for the final bound, and, in full
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from .interval import input_box, interval_pass, monotone, specification
 from .network import NONLINEAR, Network, Node
+from .window import window_bounds, window_size, windowable
 
 __all__ = ["crown_margins", "alpha_crown_margins", "Problem"]
 
@@ -147,8 +149,10 @@ class Problem:
             if alpha is not None:  # (positions, slopes (P, S, U)): optimised slopes where unstable
                 positions, values = alpha
                 p, k = values.shape[:2]
-                dense = torch.zeros((p, k, math.prod(node.shape)), dtype=values.dtype, device=values.device)
-                dense = dense.index_copy(2, positions, values).view(p, k, *node.shape)
+                # CROWN's slope where a neuron has no optimised one (unstable only after the slopes were set up,
+                # by float noise): always a valid slope, where 0 would not be for a LeakyReLU
+                crown = low_slope[:, None].expand(len(low_slope), k, *node.shape).reshape(-1, k, math.prod(node.shape))
+                dense = crown.expand(p, -1, -1).index_copy(2, positions, values).view(p, k, *node.shape)
                 low_slope = torch.where(unstable[:, None], dense, low_slope[:, None])
             else:
                 low_slope = low_slope[:, None]
@@ -247,15 +251,19 @@ class Problem:
         rows, cols = torch.nonzero(flat, as_tuple=True)  # sorted by input
         lo = torch.full(flat.shape, -math.inf, dtype=self.x.dtype, device=self.x.device)
         hi = torch.full(flat.shape, math.inf, dtype=self.x.dtype, device=self.x.device)
-        widest = max(math.prod(s) for s in self.shapes[: p + 1])
+        windows = windowable(self.net, p)  # a convolution neuron: its window only
+        widest = window_size(self, p) if windows and len(rows) else max(math.prod(s) for s in self.shapes[: p + 1])
         chunk = max(1, PAIR_BUDGET // (2 * widest))
         values = []
         for s in range(0, len(rows), chunk):
             r, c = rows[s: s + chunk], cols[s: s + chunk]
-            which = int(r[0]) if bool(r[0] == r[-1]) else r  # one input: its relaxations broadcast
             alphas = None
             if alpha_sets is not None:
                 alphas = {node: (where, slopes[s: s + chunk]) for node, (where, slopes) in alpha_sets.items()}
+            if windows:
+                values.append(window_bounds(self, p, r, c, alphas=alphas))
+                continue
+            which = int(r[0]) if bool(r[0] == r[-1]) else r  # one input: its relaxations broadcast
             start, first = self._rows_of(p, c)
             if first is not None:  # the neuron's own row of weights, then back from the layer's input
                 w, const = first
@@ -436,6 +444,13 @@ def alpha_crown_margins(net: Network, x: torch.Tensor, y: torch.Tensor, eps: flo
             inner[p] = sets
             params += [v[1] for v in sets.values()]
     best = bound.clone()
+    if inner:
+        # The kept intermediate bounds start from the optimisation's own computation at its initial slopes (CROWN's):
+        # the first step's bounds then equal them exactly, as in auto_LiRPA. Started from CROWN's computation (other
+        # code, other float rounding), they differed by noise, which sent the slopes' first gradients one way or the
+        # other of each tie of the intersection with the kept bounds (its gradient halves on a tie).
+        with torch.no_grad():
+            problem.intermediate(alphas=inner)
     keep = {p: tuple(t.clone() for t in b) for p, b in problem.pre.items()}
     opt = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(opt, 0.98)

@@ -418,6 +418,8 @@ class _Reader:
                 return t.view([1, -1] + [1] * (z.dim() - 2))
             return self._add("affine", name, ins, shape, lambda z: z * view(scale, z) + view(shift, z),
                              lambda r: r * view(scale.abs(), r), kind="channel_affine", scale=scale, shift=shift)
+        if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) and (pool := self._as_conv(m, ins)) is not None:
+            return self._conv(node, ins, shape, two_d=True, **pool)
         if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AdaptiveAvgPool1d)):
             return self._add("affine", name, ins, shape, m, m)  # non-negative coefficients: radii pool as values
         if isinstance(m, nn.MaxPool2d):
@@ -429,6 +431,31 @@ class _Reader:
                              stride=pair(m.stride if m.stride is not None else m.kernel_size), padding=pair(m.padding),
                              dilation=pair(m.dilation))
         raise self._unsupported(node, type(m).__name__)
+
+    def _as_conv(self, m: nn.Module, ins: list[int]) -> dict | None:
+        """An average pooling as the depthwise convolution it is (weights 1/k^2), when it is one exactly: zero
+        padding counted in the mean, no ceil_mode, no divisor override; an adaptive pooling whose input divides
+        evenly. Bounds then take the convolution's fast paths. Other options stay a generic affine map."""
+        in_shape = self.nodes[ins[0]].shape
+        if len(in_shape) != 3:
+            return None
+        pair = nn.modules.utils._pair
+        if isinstance(m, nn.AvgPool2d):
+            if m.ceil_mode or not m.count_include_pad or m.divisor_override is not None:
+                return None
+            kernel, stride, padding = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding)
+        else:
+            out = pair(m.output_size)
+            out = tuple(o if o is not None else i for o, i in zip(out, in_shape[1:]))
+            if any(i % o for i, o in zip(in_shape[1:], out)):
+                return None
+            kernel = stride = tuple(i // o for i, o in zip(in_shape[1:], out))
+            padding = (0, 0)
+        parameter = next(self.gm.parameters(), None)
+        where = {"device": parameter.device, "dtype": parameter.dtype} if parameter is not None else {}
+        weight = torch.full((in_shape[0], 1, *kernel), 1.0 / (kernel[0] * kernel[1]), **where)
+        return dict(weight=weight, bias=None, stride=stride, padding=padding, dilation=1, groups=in_shape[0],
+                    padding_mode="zeros")
 
     def _linear(self, name, ins, shape, weight, bias) -> int:
         return self._add("affine", name, ins, shape, lambda z: F.linear(z, weight, bias),
