@@ -51,12 +51,11 @@ def _pgd_batch(model, x, y, eps, steps, step_size):
 
 def train(kind: str, epochs: int, *, eps: float = 0.0, seed: int = 0, width: int = 16) -> nn.Module:
     """kind: 'standard' or 'pgd' (Madry et al. adversarial training, PGD-10 at eps with random start)."""
-    CACHE.mkdir(exist_ok=True)
-    path = CACHE / f"{kind}_w{width}_e{epochs}_eps{eps}_s{seed}.pt"
-    model = DemoCNN(width=width)
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
+    return cached_model(f"{kind}_w{width}_e{epochs}_eps{eps}_s{seed}.pt", DemoCNN(width=width),
+                        lambda: _train(kind, epochs, eps=eps, seed=seed, width=width))
+
+
+def _train(kind: str, epochs: int, *, eps: float, seed: int, width: int) -> nn.Module:
     (x, y), _ = split()
     torch.manual_seed(seed)
     model = DemoCNN(width=width)
@@ -77,8 +76,7 @@ def train(kind: str, epochs: int, *, eps: float = 0.0, seed: int = 0, width: int
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
         print(f"  [{kind}] epoch {epoch + 1}/{epochs} ({time.time() - t0:.0f} s)", flush=True)
-    torch.save(model.state_dict(), path)
-    return model.eval()
+    return model
 
 
 class Quantised(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _mnist import CACHE, Quantised, Saturated, split
+from _mnist import Quantised, Saturated, cached_model, split
 from _models import BasicBlock
 
 from brittle.demo.model import DemoCNN
@@ -89,13 +89,14 @@ def _attack(model, x, y, eps, norm, steps, loss):
 def fit(build: Callable[[], nn.Module], name: str, *, kind: str = "standard", eps: float = 0.0, norm: str = "Linf",
         epochs: int = 5, seed: int = 0, sigma: float = 0.0) -> nn.Module:
     """Train (or load from the cache) `build()` with `kind`: standard, pgd, trades, ibp or noise."""
-    CACHE.mkdir(exist_ok=True)
-    path = CACHE / f"suite_{name}.pt"
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the initial weights come from the seed too
     model = build()
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
+    return cached_model(f"suite_{name}.pt", model,
+                        lambda: _train(model, name, kind=kind, eps=eps, norm=norm, epochs=epochs, seed=seed, sigma=sigma))
+
+
+def _train(model: nn.Module, name: str, *, kind: str, eps: float, norm: str, epochs: int, seed: int,
+           sigma: float) -> nn.Module:
     (x, y), _ = split()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
@@ -140,8 +141,7 @@ def fit(build: Callable[[], nn.Module], name: str, *, kind: str = "standard", ep
             loss.backward()
             opt.step()
         print(f"  [{name}] epoch {epoch + 1}/{epochs} ({time.time() - t0:.0f} s)", flush=True)
-    torch.save(model.state_dict(), path)
-    return model.eval()
+    return model
 
 
 def _standard_cnn() -> nn.Module:

@@ -19,14 +19,17 @@ from .geometry import project, random_start
 from .losses import LOSSES, dlr_targeted_loss, margin
 from .pgd import ascent_direction
 
-__all__ = ["APGD", "APGDTargeted", "apgd_checkpoints", "targeted_run"]
+__all__ = ["APGD", "APGDTargeted", "FIRST_CHECKPOINT", "apgd_checkpoints", "targeted_run"]
 
 LossOnSubset = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch indices) -> loss
 
 
+FIRST_CHECKPOINT = 0.22  # p_1: the first step-size checkpoint, as a fraction of the run
+
+
 def apgd_checkpoints(steps: int) -> list[int]:
     """w_j = ceil(p_j * steps) with p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
-    p = [0.0, 0.22]
+    p = [0.0, FIRST_CHECKPOINT]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
     return sorted({math.ceil(v * steps) for v in p if 0 < v <= 1})

@@ -15,12 +15,11 @@ from __future__ import annotations
 import torch
 
 from ..model import ModelAdapter
-from .apgd import targeted_run
+from .apgd import FIRST_CHECKPOINT, targeted_run
 from .base import Attack
 
 __all__ = ["TargetSearch"]
 
-FIRST_CHECKPOINT = 0.22  # APGD's first step-size checkpoint, as a fraction of the run
 # A point whose best targeted run ended this close to the boundary (targeted DLR loss, scale-free) crosses it on
 # about every other new random start: a coin flip that more starts win.
 NEAR_LOSS = -0.05
