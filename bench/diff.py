@@ -2,7 +2,7 @@
 package (traker's TRAK scores, modeldiff's residual PCA), in one run.
 
     pip install -c constraints.txt -e ".[bench]"
-    python bench/diff.py [--half design|heldout-1|...|heldout-4|all] [--skip-peers] [--targets 300]
+    python bench/diff.py [--half design|heldout-1|...|heldout-5|all] [--case NAME] [--ensemble 8] [--skip-peers]
 
 Each case: two MNIST-5k CNNs (the demo's architecture, 6 epochs, Adam) trained on the same 4,000 digits, except
 that model B's data went through a "pipeline" that stamps a small white mark on `share` of one class's images
@@ -16,7 +16,10 @@ Cases are split: the design half (the cases looked at while choosing the counter
 and held-out cases (other split seeds, classes, mark places and sizes), evaluated once the design was frozen.
 Round 1 of the held-out cases fell short with the first test; the test was changed looking at the design half
 only, and round 2 was added and evaluated once; the same for round 3 with the third test (the gap's share), which
-has not changed since; round 4 was added and evaluated once with it.
+has not changed since; round 4 was added and evaluated once with it. `--ensemble K` gives each side K trainings
+of its recipe (seeds s, s + 1000, ...): attributions averaged over them and, for K >= 5, the counterfactual test
+over models; its settings were fixed before its first run, then the design half was run and round 5 (written
+before) evaluated once, with ensembles of 8 and with single models.
 
 Peer: modeldiff 1.0.1's `ModelDiff.get_B_minus_A_from_scores` on traker 0.3.2's scores of the same models,
 training set and targets, with the same projection dimension. modeldiff computes variances on CUDA by default;
@@ -82,6 +85,13 @@ CASES = [
     Case("mark-6-top-right", "heldout-4", 8, 6, (1, 20), 3, 0.25, 0),
     Case("mark-9-bottom-left", "heldout-4", 9, 9, (24, 4), 3, 0.3, 0),
     Case("null-seeds-heldout-4", "heldout-4", 7, None, (0, 0), 0, 0.0, 5),
+    # Round 5: written before any run of the ensemble test (--ensemble 8: models as the unit, its effect and level
+    # set beforehand); evaluated once with it and once with the single-model test.
+    Case("mark-4-bottom-right", "heldout-5", 10, 4, (24, 24), 3, 0.3, 0),
+    Case("mark-8-top-left", "heldout-5", 11, 8, (1, 1), 3, 0.25, 0),
+    Case("mark-2-right-middle", "heldout-5", 12, 2, (12, 24), 3, 0.3, 0),
+    Case("null-seeds-heldout-5", "heldout-5", 10, None, (0, 0), 0, 0.0, 6),
+    Case("null-seeds-heldout-5b", "heldout-5", 11, None, (0, 0), 0, 0.0, 7),
 ]
 
 
@@ -118,30 +128,39 @@ def fit(x: np.ndarray, y: np.ndarray, *, seed: int, key: str, epochs: int = 6) -
     return cached_model(f"diff_{key}.pt", DemoCNN(), train)
 
 
-def models_for(case: Case):
+def side_seeds(seed: int, k: int) -> list[int]:
+    """The seeds of one side's models: its own seed, then seed + 1000, + 2000, ... (disjoint across sides)."""
+    return [seed + 1000 * i for i in range(k)]
+
+
+def models_for(case: Case, ensemble: int = 1):
+    """A's and B's models (lists of `ensemble` trainings of each recipe, the compared model first) and the data."""
     x, y, xt, yt, marked, marked_t = plant(case)
     clean_x, _, _, _ = split(case.split_seed)
-    a = fit(clean_x, y, seed=0, key=f"s{case.split_seed}_clean_seed0")
-    b_key = f"s{case.split_seed}_{case.name}_seed{case.seed_b}" if case.cls is not None else \
-        f"s{case.split_seed}_clean_seed{case.seed_b}"
-    b = fit(x if case.cls is not None else clean_x, y, seed=case.seed_b, key=b_key)
+    a = [fit(clean_x, y, seed=s, key=f"s{case.split_seed}_clean_seed{s}") for s in side_seeds(0, ensemble)]
     if case.temperature != 1.0:
-        b = Tempered(a, case.temperature).eval()
+        b = [Tempered(m, case.temperature).eval() for m in a]
+    else:
+        data, name = (clean_x, "clean") if case.cls is None else (x, case.name)
+        b = [fit(data, y, seed=s, key=f"s{case.split_seed}_{name}_seed{s}") for s in side_seeds(case.seed_b, ensemble)]
     return a, b, (x, y, xt, yt, marked, marked_t)
 
 
 def run_brittle(case: Case, a, b, data, targets: int, proj_dim: int):
     x, y, xt, yt, marked, _ = data
     t0 = time.perf_counter()
-    r = brittle.diff_models(a, b, (xt, yt), (x, y), targets=targets, proj_dim=proj_dim)
+    r = brittle.diff_models(a[0], b[0], (xt, yt), (x, y), ensemble=a[1:], other_ensemble=b[1:], targets=targets,
+                            proj_dim=proj_dim)
     seconds = time.perf_counter() - t0
     b_dirs = [d for d in r.directions if d.owner == "B"]
     a_dirs = [d for d in r.directions if d.owner == "A"]
     top = b_dirs[0]
     share = float(marked[np.asarray(top.train_index[:20])].mean())
-    return r, {"seconds": seconds, "marked_top20": share, "b_status": top.counterfactual.get("status"),
-               "b_closed": top.counterfactual.get("gap_closed"), "b_flip": top.counterfactual.get("flip_rate"),
-               "b_z": top.counterfactual.get("z"),
+    cf = top.counterfactual
+    return r, {"seconds": seconds, "marked_top20": share, "b_status": cf.get("status"),
+               "b_closed": cf.get("gap_closed"), "b_flip": cf.get("flip_rate"),
+               "b_stat": "" if "z" not in cf else
+               f"p {cf['p']:.2g}" if cf.get("unit") == "models" else f"z {cf['z']:.1f}",
                "a_confirmed": sum(d.counterfactual.get("status") == "confirmed" for d in a_dirs),
                "b_confirmed": sum(d.counterfactual.get("status") == "confirmed" for d in b_dirs)}
 
@@ -185,29 +204,31 @@ def run_peer(a, b, data, rows: np.ndarray, proj_dim: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--half", choices=["design", "heldout-1", "heldout-2", "heldout-3", "heldout-4", "all"],
-                   default="all")
+    p.add_argument("--half", choices=sorted({c.half for c in CASES}) + ["all"], default="all")
+    p.add_argument("--case", help="run only this case (by name)")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="models per side (trainings of each recipe with other seeds; default 1)")
     p.add_argument("--targets", type=int, default=300)
     p.add_argument("--proj-dim", type=int, default=2048)
     p.add_argument("--skip-peers", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(2)
-    print("case | half | B top-20 marked | B dir 1 test | gap closed B / A, z | flips B / A | A confirmed | "
+    print("case | half | B top-20 marked | B dir 1 test | gap closed B / A, z or p | flips B / A | A confirmed | "
           "time s | modeldiff top-20 marked | modeldiff time s | pass")
     for case in CASES:
-        if args.half != "all" and case.half != args.half:
+        if (args.half != "all" and case.half != args.half) or (args.case and case.name != args.case):
             continue
-        a, b, data = models_for(case)
+        a, b, data = models_for(case, args.ensemble)
         r, ours = run_brittle(case, a, b, data, args.targets, args.proj_dim)
         # The same targets brittle attributed (its seeded subset), for the peer.
         rows = np.sort(seeded_subset(len(data[2]), min(args.targets, len(data[2])), 0, "model_diff", "targets"))
-        peer = None if args.skip_peers else run_peer(a, b, data, rows, args.proj_dim)
+        peer = None if args.skip_peers else run_peer(a[0], b[0], data, rows, args.proj_dim)
         if case.cls is None:
             ok = ours["a_confirmed"] == 0 and ours["b_confirmed"] == 0
         else:
             ok = ours["marked_top20"] >= 0.8 and ours["b_status"] == "confirmed" and ours["a_confirmed"] == 0
         flip, closed = ours["b_flip"], ours["b_closed"]
-        flip_s = (f"{closed['B']:.2f} / {closed['A']:.2f}, {ours['b_z']:.1f} | {flip['B']:.3f} / {flip['A']:.3f}"
+        flip_s = (f"{closed['B']:.2f} / {closed['A']:.2f}, {ours['b_stat']} | {flip['B']:.3f} / {flip['A']:.3f}"
                   if flip else "- | -")
         peer_s = "- | -" if peer is None else f"{peer['marked_top20']:.2f} | {peer['seconds']:.1f}"
         print(f"{case.name} | {case.half} | {ours['marked_top20']:.2f} | {ours['b_status']} | {flip_s} | "

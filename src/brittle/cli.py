@@ -135,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
                         "relies on that the other does not (ModelDiff)")
     _model_args(df)
     df.add_argument("--other-model", required=True, help="the model to compare with (same classes and input domain)")
+    df.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL",
+                    help="more trainings of the model's recipe (other seeds): attributions are averaged over them and, "
+                    "with at least 5 per side, the counterfactual test takes the models as its unit")
+    df.add_argument("--other-ensemble", nargs="+", default=[], metavar="MODEL",
+                    help="more trainings of the other model's recipe, the same way")
     df.add_argument("--data", required=True, help="labelled audit data both models are compared on")
     df.add_argument("--train-data", required=True, help="the labelled training set both are attributed to")
     df.add_argument("--targets", type=int, default=300, help="audit points attributed (default 300)")
@@ -288,7 +293,8 @@ def _cmd_diff(args, progress: Progress) -> int:
     from .report.diff_page import render_diff_page
 
     cfg = _config_from_args(args)
-    result = diff(None, args.other_model, args.data, args.train_data, targets=args.targets,
+    result = diff(None, args.other_model, args.data, args.train_data, ensemble=args.ensemble,
+                  other_ensemble=args.other_ensemble, targets=args.targets,
                   directions=args.directions, top=args.top, max_train=args.max_train, proj_dim=args.proj_dim,
                   seed=args.seed, config=cfg, progress=progress)
     out = Path(args.out)
