@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair  # int or pair -> pair, as torch reads kernel, stride, padding
 
 from ..errors import UsageError, arg
 from ..graph import GraphUnavailable, eager_graph
@@ -425,11 +426,10 @@ class _Reader:
         if isinstance(m, nn.MaxPool2d):
             if m.ceil_mode or m.return_indices:
                 raise self._unsupported(node, "MaxPool2d with ceil_mode=True or return_indices=True")
-            pair = nn.modules.utils._pair
             return self._add("maxpool", name, ins, shape, m, in_shape=self.nodes[ins[0]].shape,
-                             kernel=pair(m.kernel_size),
-                             stride=pair(m.stride if m.stride is not None else m.kernel_size), padding=pair(m.padding),
-                             dilation=pair(m.dilation))
+                             kernel=_pair(m.kernel_size),
+                             stride=_pair(m.stride if m.stride is not None else m.kernel_size),
+                             padding=_pair(m.padding), dilation=_pair(m.dilation))
         raise self._unsupported(node, type(m).__name__)
 
     def _as_conv(self, m: nn.Module, ins: list[int]) -> dict | None:
@@ -439,13 +439,12 @@ class _Reader:
         in_shape = self.nodes[ins[0]].shape
         if len(in_shape) != 3:
             return None
-        pair = nn.modules.utils._pair
         if isinstance(m, nn.AvgPool2d):
             if m.ceil_mode or not m.count_include_pad or m.divisor_override is not None:
                 return None
-            kernel, stride, padding = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding)
+            kernel, stride, padding = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding)
         else:
-            out = pair(m.output_size)
+            out = _pair(m.output_size)
             out = tuple(o if o is not None else i for o, i in zip(out, in_shape[1:]))
             if any(i % o for i, o in zip(in_shape[1:], out)):
                 return None

@@ -134,6 +134,16 @@ def window_bounds(problem, p: int, rows: torch.Tensor, cols: torch.Tensor, *, al
     raise AssertionError("the window path did not reach the input")  # windowable() guarantees it does
 
 
+def _grid(win: Window, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's window positions in a height x width layer: its line and column indices clamped to the layer,
+    (P, h) and (P, w), and which of its positions lie inside the layer, (P, h, w)."""
+    h, w = win.t.shape[3:]
+    lines = win.top[:, None] + torch.arange(h, device=win.top.device)
+    columns = win.left[:, None] + torch.arange(w, device=win.top.device)
+    ih, iw = lines.clamp(0, height - 1), columns.clamp(0, width - 1)
+    return ih, iw, (lines == ih)[:, :, None] & (columns == iw)[:, None, :]
+
+
 def _optimised_slopes(node: Node, alpha, unstable: torch.Tensor, win: Window, crown: torch.Tensor) -> torch.Tensor:
     """The lower slopes at the window: alpha-CROWN's where the neuron is unstable and has one (positions (U,),
     slopes (P, S, U)), else CROWN's (as the dense path)."""
@@ -143,8 +153,7 @@ def _optimised_slopes(node: Node, alpha, unstable: torch.Tensor, win: Window, cr
     h, w = win.t.shape[3:]
     slot = torch.full((c * height * width,), -1, dtype=torch.long, device=values.device)
     slot[positions] = torch.arange(len(positions), device=values.device)
-    ih = (win.top[:, None] + torch.arange(h, device=values.device)).clamp(0, height - 1)
-    iw = (win.left[:, None] + torch.arange(w, device=values.device)).clamp(0, width - 1)
+    ih, iw, _ = _grid(win, height, width)
     flat = (torch.arange(c, device=values.device)[None, :, None, None] * (height * width)
             + ih[:, None, :, None] * width + iw[:, None, None, :])  # (P, C, h, w)
     where = slot[flat]
@@ -187,11 +196,9 @@ def _recrop(win: Window, top: torch.Tensor, left: torch.Tensor, h: int, w: int) 
 def _fit(win: Window, shape: tuple[int, ...]) -> Window:
     """Positions outside the layer zeroed; a window larger than the layer cut down to the layer."""
     _, height, width = shape
-    p, _, _, h, w = win.t.shape
-    ih = win.top[:, None] + torch.arange(h, device=win.top.device)
-    iw = win.left[:, None] + torch.arange(w, device=win.top.device)
-    if bool((ih < 0).any() | (ih >= height).any() | (iw < 0).any() | (iw >= width).any()):
-        inside = ((ih >= 0) & (ih < height))[:, :, None] & ((iw >= 0) & (iw < width))[:, None, :]
+    h, w = win.t.shape[3:]
+    _, _, inside = _grid(win, height, width)
+    if not bool(inside.all()):
         win = Window(win.t * inside[:, None, None].to(win.t.dtype), win.top, win.left)
     if h > height or w > width:
         zero = torch.zeros_like(win.top)
@@ -236,10 +243,7 @@ def _gather(t: torch.Tensor, rows: torch.Tensor, win: Window) -> torch.Tensor:
         which = torch.zeros_like(rows)
     windows = (height + pt + pb - h + 1) * (width + pl + pr - w + 1)
     if len(t) * windows > UNFOLD_RATIO * p:  # unfolding every window would cost more than the rows need
-        ih = (win.top[:, None] + torch.arange(h, device=t.device)).clamp(0, height - 1)
-        iw = (win.left[:, None] + torch.arange(w, device=t.device)).clamp(0, width - 1)
-        inside = (((win.top[:, None] + torch.arange(h, device=t.device)) == ih)[:, :, None]
-                  & ((win.left[:, None] + torch.arange(w, device=t.device)) == iw)[:, None, :])
+        ih, iw, inside = _grid(win, height, width)
         out = t[which[:, None, None, None], torch.arange(c, device=t.device)[None, :, None, None],
                 ih[:, None, :, None], iw[:, None, None, :]]
         return torch.where(inside[:, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
